@@ -1,0 +1,169 @@
+"""Networks (Haiku) and the three training dynamics of Loo et al. (2022).
+
+`get_model(name, num_classes, width)` returns `(init, apply)` with the reference's signatures:
+
+    params, state = init(rng, x, is_training)
+    logits, state = apply(params, state, rng, x, is_training)
+
+`dynamics_apply` turns that network into the standard, linearized, centered or
+standard-centered predictor used in phase 2.
+"""
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear")
+DYNAMICS = ("standard", "linear", "centered", "standard_centered")
+
+
+def _batchnorm(name):
+    # Every BatchNorm of the reference: decay 0.9, eps 1e-5, with scale and offset.
+    return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=0.9, eps=1e-5, name=name)
+
+
+def _conv(channels, kernel, stride, name):
+    return hk.Conv2D(channels, kernel, stride=stride, with_bias=False, padding="SAME", name=name)
+
+
+class BlockV1(hk.Module):
+    """Basic ResNet v1 block: conv-BN-ReLU-conv-BN, plus an optional 1x1 conv+BN projection.
+
+    Submodules are built in __init__ so Haiku names them `block_0/~/conv_0`, as the reference."""
+
+    def __init__(self, channels, stride, use_projection, name=None):
+        super().__init__(name=name)
+        self.projection = None
+        if use_projection:
+            self.projection = (_conv(channels, 1, stride, "shortcut_conv"), _batchnorm("shortcut_batchnorm"))
+        self.conv_0, self.bn_0 = _conv(channels, 3, stride, "conv_0"), _batchnorm("batchnorm_0")
+        self.conv_1, self.bn_1 = _conv(channels, 3, 1, "conv_1"), _batchnorm("batchnorm_1")
+
+    def __call__(self, x, is_training):
+        shortcut = x
+        if self.projection is not None:
+            conv, bn = self.projection
+            shortcut = bn(conv(x), is_training)
+        out = jax.nn.relu(self.bn_0(self.conv_0(x), is_training))
+        out = self.bn_1(self.conv_1(out), is_training)
+        return jax.nn.relu(out + shortcut)
+
+
+class BlockGroup(hk.Module):
+    def __init__(self, channels, stride, use_projection, name=None):
+        super().__init__(name=name)
+        self.blocks = (BlockV1(channels, stride, use_projection, name="block_0"),
+                       BlockV1(channels, 1, False, name="block_1"))
+
+    def __call__(self, x, is_training):
+        for block in self.blocks:
+            x = block(x, is_training)
+        return x
+
+
+class ResNet18(hk.Module):
+    """The reference's CIFAR ResNet-18 (Haiku name `res_net18`).
+
+    A 3x3 stride-1 stem without max-pool, four groups of two basic blocks with
+    (w, 2w, 4w, 8w) channels and strides (1, 2, 2, 2), global average pooling and a
+    zero-initialised linear head. At width 64 the tree matches the reference exactly.
+    """
+
+    def __init__(self, num_classes, width=64, name=None):
+        super().__init__(name=name)
+        w = width
+        self.initial_conv = _conv(w, 3, 1, "initial_conv")
+        self.initial_bn = _batchnorm("initial_batchnorm")
+        self.groups = [BlockGroup(w * mult, stride, use_projection=i > 0, name=f"block_group_{i}")
+                       for i, (mult, stride) in enumerate(((1, 1), (2, 2), (4, 2), (8, 2)))]
+        self.logits = hk.Linear(num_classes, w_init=jnp.zeros, name="logits")
+
+    def __call__(self, x, is_training):
+        x = jax.nn.relu(self.initial_bn(self.initial_conv(x), is_training))
+        for group in self.groups:
+            x = group(x, is_training)
+        return self.logits(jnp.mean(x, axis=(1, 2)))
+
+
+def _mlp(hidden, num_classes):
+    def net(x, is_training):
+        del is_training
+        return hk.nets.MLP([*hidden, num_classes], name="mlp")(hk.Flatten()(x))
+    return net
+
+
+def get_model(name, num_classes, width=64):
+    """Return Haiku `(init, apply)` for `name`.
+
+    `width` scales the ResNet's channels and the MLPs' hidden layers are fixed
+    (256 for `mlp_skinny`, 2048 for `mlp_wide`); `linear` is a single affine layer
+    (a linear classifier, used to test attacks against a closed form).
+    """
+    if name == "resnet18":
+        def net(x, is_training):
+            return ResNet18(num_classes, width)(x, is_training)
+    elif name == "mlp_skinny":
+        net = _mlp((256, 256), num_classes)
+    elif name == "mlp_wide":
+        net = _mlp((2048, 2048), num_classes)
+    elif name == "linear":
+        net = _mlp((), num_classes)
+    else:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    transformed = hk.transform_with_state(net)
+    return transformed.init, transformed.apply
+
+
+def tree_sub(a, b):
+    return jax.tree_util.tree_map(jnp.subtract, a, b)
+
+
+def dynamics_apply(apply, dynamics, theta, theta0, state, x, is_training=False, rng=None,
+                   return_components=False):
+    """Logits of the chosen dynamics.
+
+    theta0 is the frozen start of phase 2 and theta the parameters being trained
+    (for phase 1 pass the same tree twice, with dynamics 'standard').
+
+    - standard:          f(theta; x)
+    - linear:            f(theta0; x) + J(theta0; x)(theta - theta0), one jvp at theta0
+    - centered:          J(theta0; x)(theta - theta0)
+    - standard_centered: f(theta; x) - f(theta0; x)
+
+    Returns `(logits [N, C], new_state)`, or `(logits, new_state, {'f', 'df'})` with
+    `return_components`. For linear/centered, f = f(theta0) and df = J(theta - theta0);
+    for standard, f = logits and df = 0; for standard_centered, f = f(theta0) and
+    df = f(theta) - f(theta0). So logits = f + df (linear), = df (both centered).
+    """
+    def net(p):
+        return apply(p, state, rng, x, is_training)
+
+    if dynamics == "standard":
+        logits, new_state = net(theta)
+        comps = {"f": logits, "df": jnp.zeros_like(logits)}
+    elif dynamics in ("linear", "centered"):
+        (f0, new_state), (df, _) = jax.jvp(net, (theta0,), (tree_sub(theta, theta0),))
+        logits = f0 + df if dynamics == "linear" else df
+        comps = {"f": f0, "df": df}
+    elif dynamics == "standard_centered":
+        f, new_state = net(theta)
+        f0, _ = net(theta0)
+        logits = f - f0
+        comps = {"f": f0, "df": logits}
+    else:
+        raise ValueError(f"unknown dynamics {dynamics!r}; choose one of {', '.join(DYNAMICS)}")
+    if return_components:
+        return logits, new_state, comps
+    return logits, new_state
+
+
+def dynamics_name(linear, centering):
+    """Map the reference's (--linear/standard, --centering) flags to a dynamics name."""
+    if linear:
+        return "centered" if centering else "linear"
+    return "standard_centered" if centering else "standard"
+
+
+def count_params(params):
+    return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
