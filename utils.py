@@ -18,8 +18,21 @@ class UserError(Exception):
     """A problem with the user's input. Scripts print it as one line and exit 2."""
 
 
+def enable_compilation_cache():
+    """Keep compiled XLA executables on disk so later runs (and the other scripts, which
+    compile the same functions) skip most compilation. Directory: $NTK_JAX_CACHE_DIR, by
+    default ~/.cache/ntk_evolution/jax; set NTK_JAX_CACHE_DIR= (empty) to turn it off."""
+    import jax
+    path = os.environ.get("NTK_JAX_CACHE_DIR", os.path.expanduser("~/.cache/ntk_evolution/jax"))
+    if path:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def run_main(fn, args):
     """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2."""
+    enable_compilation_cache()
     try:
         return fn(args)
     except UserError as e:
