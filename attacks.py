@@ -125,13 +125,13 @@ def add_attack_args(parser):
                              "step), 'apgd-ce' (Auto-PGD on cross-entropy, Croce & Hein 2020), "
                              "'apgd-dlr' (Auto-PGD on the targeted DLR loss, one run per target class), "
                              "'ensemble' (pgd, apgd-ce, then apgd-dlr; robust only if an example "
-                             "survives all, with a per-attack breakdown). Default: pgd")
+                             "survives all, with a per-attack breakdown).")
     parser.add_argument("--restarts", type=int, default=1,
                         help="random restarts of each attack (per target class for apgd-dlr); an "
-                             "example counts as robust only if it survives every restart. Default: 1")
+                             "example counts as robust only if it survives every restart.")
     parser.add_argument("--n_target_classes", type=int, default=9,
                         help="target classes of apgd-dlr: the top-k other classes of the clean logits "
-                             "(capped at the number of classes - 1). Default: 9")
+                             "(capped at the number of classes - 1).")
     return parser
 
 
@@ -407,13 +407,18 @@ def _runs(cfg: AttackConfig, num_classes):
     return [("ce", 0, r) for r in range(cfg.restarts)]
 
 
-def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None):
+def _num_classes(predict, variables, x):
+    return int(jax.eval_shape(predict, variables, x[:1]).shape[-1])
+
+
+def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None, num_classes=None):
     """Run every attack of `cfg` (every restart, every target) on one batch.
 
     An example is fooled by a single attack if any of its runs misclassifies it (for the APGD
     attacks also if the clean image is misclassified); it is fooled by `cfg` if any member
     fools it. Runs after the first are skipped once every valid row is fooled by that attack.
-    `valid` [N] bool marks the real rows of a padded batch (default: all).
+    `valid` [N] bool marks the real rows of a padded batch (default: all). `num_classes` (the
+    logits' width, used by apgd-dlr) is found by tracing `predict` when not given.
 
     Returns a dict of arrays:
       'x_adv' [N, ...]: per example the first fooling point found (in member order), else the
@@ -425,7 +430,8 @@ def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None):
     x = jnp.asarray(x, jnp.float32)
     y = jnp.asarray(y, jnp.int32)
     valid = np.ones(len(y), bool) if valid is None else np.asarray(valid, bool)
-    num_classes = int(jax.eval_shape(lambda v, xx: predict(v, xx), variables, x[:1]).shape[-1])
+    if num_classes is None and any(m.name == "apgd-dlr" for m in cfg.members()):
+        num_classes = _num_classes(predict, variables, x)
     x_final, fooled = None, np.zeros(len(y), bool)
     fooled_by, out = {}, {}
     for m_idx, member in enumerate(cfg.members()):
@@ -541,6 +547,7 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
     members = [m.name for m in attack.members()] if attack is not None else []
     fooled_by = {name: [] for name in members}
     half_fooled = []
+    num_classes = _num_classes(predict, variables, np.asarray(x[:1], np.float32)) if "apgd-dlr" in members else None
     for b, start in enumerate(range(0, n, batch_size)):
         xb = _pad(np.asarray(x[start:start + batch_size], np.float32), batch_size)
         yb = _pad(np.asarray(y[start:start + batch_size], np.int32), batch_size)
@@ -553,7 +560,8 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
         if check_gradients:
             zero_grad += int(np.sum(np.asarray(_zero_input_grad(predict, variables, xb, yb))[:m]))
         if attack is not None:
-            res = attack_batch(predict, variables, xb, yb, jax.random.fold_in(key, b), attack, valid=valid)
+            res = attack_batch(predict, variables, xb, yb, jax.random.fold_in(key, b), attack, valid=valid,
+                               num_classes=num_classes)
             xa = res["x_adv"]
             preds_adv.append(np.asarray(_predict_labels(predict, variables, xa))[:m])
             for name in members:

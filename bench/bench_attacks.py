@@ -1,0 +1,140 @@
+"""Cost of APGD-CE against PGD with the same number of steps, on the full-width ResNet-18.
+
+Prints one JSON line per measurement: the machine, the configuration, the median wall time of
+`--repeats` runs after one warm-up run (compilation excluded), and the median per step; then
+one line with the APGD-CE / PGD ratio. Runs of the two attacks are interleaved, so load from
+other processes hits both sides alike.
+
+  PYTHONPATH=. python bench/bench_attacks.py --steps 10 --repeats 5        # CPU: time 10 steps
+  PYTHONPATH=. python bench/bench_attacks.py --steps 100 --repeats 10      # GPU: the full budget
+
+The network has random weights (a non-zero logits layer, BatchNorm in inference mode) and the
+images are uniform noise: the cost of an attack step does not depend on either.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def machine():
+    import jax
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
+
+
+def random_params(init, input_shape, seed=0):
+    """init's trees filled with numpy draws (compiling Haiku's initializers for ResNet-18 on CPU
+    takes longer than the benchmark). Weights N(0, 2/fan_in), BN scale 1, offsets 0, BN
+    statistics mean 0 / variance 1."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    shapes, state_shapes = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
+                                          jnp.zeros(input_shape, jnp.float32))
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "scale" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if "offset" in name or name.endswith("['b']"):
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.dtype)
+
+    def stat(path, leaf):
+        name = jax.tree_util.keystr(path)
+        if "var" in name and "average" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if "counter" in name:
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes), jax.tree_util.tree_map_with_path(stat, state_shapes)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="attack steps per timed run")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per attack (after one warm-up)")
+    p.add_argument("--batch_size", type=int, default=100, help="images per batch")
+    p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
+    p.add_argument("--dynamics", default="standard", help="dynamics attacked (models.DYNAMICS)")
+    p.add_argument("--attacks", default="pgd,apgd-ce", help="comma-separated: pgd, apgd-ce, apgd-dlr (one target)")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    import attacks
+    import models
+
+    init, apply = models.get_model("resnet18", 10, args.width)
+    shape = (args.batch_size, 32, 32, 3)
+    params, state = random_params(init, shape)
+    predict = attacks.make_predict(apply, args.dynamics)
+    theta0 = params
+    if args.dynamics != "standard":
+        theta0 = jax.tree_util.tree_map(lambda a: a * 0.9, params)
+    variables = (params, theta0, state)
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 10, args.batch_size).astype(np.int32))
+    eps = 4 / 255
+    key = jax.random.PRNGKey(0)
+
+    runners = {
+        "pgd": lambda: attacks.pgd(predict, variables, x, y, key, eps, 2 * eps / args.steps,
+                                   steps=args.steps, norm="linf"),
+        "apgd-ce": lambda: attacks.apgd(predict, variables, x, y, key, eps, steps=args.steps,
+                                        norm="linf", loss="ce"),
+        "apgd-dlr": lambda: attacks.apgd(predict, variables, x, y, key, eps, steps=args.steps,
+                                         norm="linf", loss="dlr-t", target_rank=0),
+    }
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    for n in names:
+        if n not in runners:
+            p.error(f"unknown attack {n!r}")
+    info = machine()
+    compile_s = {}
+    for n in names:   # warm-up: compile and run once
+        t = time.perf_counter()
+        runners[n]().block_until_ready()
+        compile_s[n] = time.perf_counter() - t
+    times = {n: [] for n in names}
+    for _ in range(args.repeats):
+        for n in names:   # interleaved
+            t = time.perf_counter()
+            runners[n]().block_until_ready()
+            times[n].append(time.perf_counter() - t)
+    config = {"model": "resnet18", "width": args.width, "batch_size": args.batch_size, "steps": args.steps,
+              "norm": "linf", "dynamics": args.dynamics, "repeats": args.repeats}
+    for n in names:
+        med = statistics.median(times[n])
+        print(json.dumps({"bench": "attack_cost", "attack": n, **config, "machine": info,
+                          "median_s": round(med, 4), "median_s_per_step": round(med / args.steps, 5),
+                          "min_s": round(min(times[n]), 4), "max_s": round(max(times[n]), 4),
+                          "warmup_s_with_compile": round(compile_s[n], 2)}), flush=True)
+    if "pgd" in names and "apgd-ce" in names:
+        ratio = statistics.median(times["apgd-ce"]) / statistics.median(times["pgd"])
+        print(json.dumps({"bench": "apgd_ce_over_pgd", **config, "machine": info,
+                          "ratio_of_medians": round(ratio, 3)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
