@@ -17,8 +17,9 @@ over n training images X) and the checkpoint it was computed from:
 
 Each step costs one reverse-over-reverse pass: a vjp in theta gives the tangent feature
 g = grad_theta f_c(x), from which <g, v> and ||g|| both follow, and its gradient in x is one
-more backward pass. No per-pixel gradients or Jacobians are formed. The loop runs in a
-jitted `lax.fori_loop`.
+more backward pass. No per-pixel gradients or Jacobians are formed. v is formed once per
+image. The loop runs as one jitted `lax.fori_loop`, or on CPU as a host loop over the jitted
+step (see `resolve_loop`: XLA:CPU is several times slower inside while loops here).
 
 `--class_index -1` (the kernel is the mean over the C logits of the per-class kernels): the
 tangent feature of x is then the stacked (grad f_1(x), ..., grad f_C(x)), whose inner products
@@ -79,6 +80,10 @@ def build_parser():
                    help="for w = K^-1 y_c only: when K is singular or ill-conditioned (condition number "
                         f"> {MAX_CONDITION:g}) solve (K + ridge * mean(diag K) * I) w = y_c instead; "
                         "the ridge used is printed and saved. 0 = refuse ill-conditioned kernels")
+    p.add_argument("--loop", default="auto", choices=("auto", "fori", "host"),
+                   help="how the steps run: 'fori' = one jitted lax.fori_loop; 'host' = the jitted step "
+                        "dispatched from Python (XLA:CPU runs weight-gradient convolutions several times "
+                        "slower inside a loop, jax-ml/jax#12868); auto = host on CPU, fori elsewhere")
     p.add_argument("--bonus_dir", default=".", help="sub-directory of dirname(model_path) for the outputs")
     p.add_argument("--data_dir", default="./data", help="where the CIFAR datasets live (digits needs none)")
     p.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "digits"),
@@ -157,7 +162,23 @@ def _stacked_pullback(pullback, cotangent, k):
     return jax.vmap(lambda m: pullback(cotangent * m)[0])(masks)
 
 
-def make_tangent_fns(f, classes):
+def resolve_loop(loop):
+    """'fori' or 'host' for `--loop auto`: 'host' on CPU, 'fori' elsewhere.
+
+    On XLA:CPU the weight-gradient convolutions run several times slower inside a while loop
+    than outside one (jax-ml/jax#12868): measured 0.9 s against 0.15-0.25 s per step for the
+    full-width ResNet-18 on a 2-core CPU (bench/bench_visualize.py). A host loop over the
+    jitted step costs one asynchronous dispatch per step, negligible next to the step.
+    """
+    if loop == "auto":
+        import jax
+        return "host" if jax.default_backend() == "cpu" else "fori"
+    if loop not in ("fori", "host"):
+        raise UserError(f"--loop must be auto, fori or host, not {loop!r}")
+    return loop
+
+
+def make_tangent_fns(f, classes, loop="auto"):
     """Tangent-feature tools for the logits `f(params, x) -> [N, C]` and the classes `classes`
     (a tuple: `(c,)` for one class, all classes for the mean kernel).
 
@@ -166,18 +187,21 @@ def make_tangent_fns(f, classes):
       a params-shaped tree with a leading axis len(classes); x [n, H, W, C], coef [n, k].
       One vjp per chunk of images (per class when k > 1).
     - `cosine(params, v, x) -> scalar`: cos(grad_theta f(x), v) for one image x [H, W, C].
-    - `ascend(params, v, x0, sign, step_size, steps) -> (x_best, cos_best, history)`: the jitted
+    - `ascend(params, v, x0, sign, step_size, steps) -> (x_best, cos_best, history)`: the
       signed-gradient loop x <- clip(x + sign * step_size * sign(grad_x cos), 0, 1) (sign +1
       ascends, -1 descends). history [steps + 1] is the cosine of every iterate (history[0] at
       x0); x_best [H, W, C] in [0, 1] is the iterate with the largest sign * cosine, cos_best its
       cosine. On smooth landscapes that is the last iterate; on ReLU networks a fixed-size signed
       step can overshoot a kink, and keeping the best iterate costs nothing.
+      `loop` (see `resolve_loop`): 'fori' runs the whole loop as one jitted lax.fori_loop;
+      'host' dispatches the jitted step from Python, keeping every value on the device.
     """
     import jax
     import jax.numpy as jnp
     classes = tuple(int(c) for c in classes)
     k = len(classes)
     cls = np.asarray(classes)
+    loop = resolve_loop(loop)
 
     @jax.jit
     def _chunk_direction(params, x, coef):
@@ -188,9 +212,10 @@ def make_tangent_fns(f, classes):
         x = np.asarray(x, np.float32)
         coef = np.asarray(coef, np.float32).reshape(len(x), k)
         total = None
-        for start in range(0, len(x), _CHUNK):
-            xb, cb = x[start:start + _CHUNK], coef[start:start + _CHUNK]
-            pad = _CHUNK - len(xb) if len(x) > _CHUNK else 0  # one compiled shape for all chunks
+        chunk = -(-len(x) // -(-len(x) // _CHUNK))  # equal chunks of at most _CHUNK images
+        for start in range(0, len(x), chunk):
+            xb, cb = x[start:start + chunk], coef[start:start + chunk]
+            pad = chunk - len(xb)  # one compiled shape for all chunks
             if pad:
                 xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
                 cb = np.concatenate([cb, np.zeros((pad, k), cb.dtype)])  # padded images weigh 0
@@ -206,29 +231,44 @@ def make_tangent_fns(f, classes):
         g_norm = jnp.sqrt(_tree_vdot(g, g) + 1e-30)
         return _tree_vdot(g, v) / (g_norm * v_norm + 1e-30)
 
-    @functools.partial(jax.jit, static_argnames=("steps",))
-    def ascend(params, v, x0, sign, step_size, steps):
-        cos_and_grad = jax.value_and_grad(lambda x: cosine(params, v, x))
+    def step(params, v, carry, sign, step_size, update):
+        """Score the iterate x, keep it if it is the best so far, then (if `update`) move it."""
+        x, x_best, c_best = carry
+        c, grad_x = jax.value_and_grad(lambda x: cosine(params, v, x))(x)
+        better = sign * c > sign * c_best
+        x_best, c_best = jnp.where(better, x, x_best), jnp.where(better, c, c_best)
+        x_next = jnp.clip(x + sign * step_size * jnp.sign(grad_x), 0.0, 1.0)
+        return (jnp.where(update, x_next, x), x_best, c_best), c
 
+    @functools.partial(jax.jit, static_argnames=("steps",))
+    def ascend_fori(params, v, x0, sign, step_size, steps):
         # steps + 1 evaluations: the last only scores the final iterate (no update), so the
         # cosine is traced once and every iterate x_0 .. x_steps is scored.
-        def body(i, carry):
-            x, x_best, c_best, history = carry
-            c, grad_x = cos_and_grad(x)
-            better = sign * c > sign * c_best
-            x_best, c_best = jnp.where(better, x, x_best), jnp.where(better, c, c_best)
-            x_next = jnp.clip(x + sign * step_size * jnp.sign(grad_x), 0.0, 1.0)
-            return jnp.where(i < steps, x_next, x), x_best, c_best, history.at[i].set(c)
+        def body(i, state):
+            carry, history = state
+            carry, c = step(params, v, carry, sign, step_size, i < steps)
+            return carry, history.at[i].set(c)
 
-        init = (x0, x0, -sign * jnp.inf, jnp.zeros((steps + 1,), jnp.float32))
-        _, x_best, c_best, history = jax.lax.fori_loop(0, steps + 1, body, init)
+        init = ((x0, x0, -sign * jnp.inf), jnp.zeros((steps + 1,), jnp.float32))
+        (_, x_best, c_best), history = jax.lax.fori_loop(0, steps + 1, body, init)
         return x_best, c_best, history
+
+    step_jit = jax.jit(step)
+
+    def ascend_host(params, v, x0, sign, step_size, steps):
+        sign, step_size = jnp.float32(sign), jnp.float32(step_size)
+        carry, history = (x0, x0, -sign * jnp.inf), []
+        for i in range(steps + 1):  # asynchronous dispatch: no host sync inside the loop
+            carry, c = step_jit(params, v, carry, sign, step_size, jnp.bool_(i < steps))
+            history.append(c)
+        return carry[1], carry[2], jnp.stack(history)
 
     class Tools:
         pass
     tools = Tools()
-    tools.direction, tools.cosine, tools.ascend = direction, jax.jit(cosine), ascend
-    tools.classes = classes
+    tools.direction, tools.cosine = direction, jax.jit(cosine)
+    tools.ascend = ascend_fori if loop == "fori" else ascend_host
+    tools.classes, tools.loop = classes, loop
     return tools
 
 
@@ -417,7 +457,9 @@ def run(args):
     from tqdm import tqdm
 
     init, apply = models.get_model(model_name, num_classes, width if width is not None else 64)
-    p0, s0 = init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape, jnp.float32), True)
+    # shapes only: running Haiku's initializers eagerly for ResNet-18 takes longer than loading
+    p0, s0 = jax.eval_shape(lambda key, x: init(key, x, True), jax.random.PRNGKey(0),
+                            jnp.zeros((1,) + image_shape, jnp.float32))
     ckpt = utils.load_into_model(args.model_path, p0, s0, model=model_name, width=width, num_classes=num_classes)
     use_lin = bool(kfile["use_linear_params"])
     f, params = checkpoint_fn(ckpt, apply, use_linear_params=use_lin)
@@ -432,7 +474,7 @@ def run(args):
               f"with ridge {ridge_used:.3g} (= {args.ridge:g} * mean diag K)")
 
     # ---- images ----
-    tools = make_tangent_fns(f, classes)
+    tools = make_tangent_fns(f, classes, loop=args.loop)
     m, k = args.n_images, len(classes)
     x0 = jnp.full(image_shape, 0.5, jnp.float32)
     jobs = [("pos", i) for i in range(m)] + [("neg", i) for i in range(m)] + [("w", 0)]
@@ -463,7 +505,7 @@ def run(args):
               "neg_cos_history": histories["neg"], "w_cos_history": w_history,
               "eigenvalues": evals, "eigenvectors": evecs[:, :m], "w": w.reshape(n, k) if k > 1 else w[:, 0],
               "ridge": ridge_used, "class_index": class_index, "classes": list(classes),
-              "steps": args.steps, "step_size": args.step_size, "use_linear_params": use_lin,
+              "steps": args.steps, "step_size": args.step_size, "loop": tools.loop, "use_linear_params": use_lin,
               "dataset": dataset_name, "model": model_name, "width": width, "num_classes": num_classes,
               "kernel_path": os.path.abspath(args.kernel_path), "model_path": os.path.abspath(args.model_path),
               "indices": idx, "labels": kfile["labels"], "seconds": seconds, "config": utils.run_config(args)}

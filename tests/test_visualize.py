@@ -84,9 +84,10 @@ def _args(ckpt, kpath, **kw):
     return viz.build_parser().parse_args(argv)
 
 
-def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tmp_path):
+def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tmp_path, monkeypatch):
     """v from the chunked vjp equals J^T u; the cosine equals the explicit one; ascent raises and
     descent lowers it; images stay in [0, 1] with the input's shape. Single class and mean kernel."""
+    monkeypatch.setattr(viz, "_CHUNK", 16)  # 40 images -> 3 chunks of 14, the last padded
     _, _, (f, params, ds, idx) = _setup(tmp_path, n=40)
     x = jnp.asarray(ds.x_train[idx])
     for class_index in (3, -1):
@@ -95,7 +96,7 @@ def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tm
         classes = tuple(range(10)) if class_index == -1 else (class_index,)
         tools = viz.make_tangent_fns(f, classes)
         u = evecs[:, 0]
-        v = tools.direction(params, np.asarray(x), np.repeat(u[:, None], len(classes), 1))  # 40 > chunk: padded
+        v = tools.direction(params, np.asarray(x), np.repeat(u[:, None], len(classes), 1))  
         v_flat = jnp.concatenate([a.reshape(len(classes), -1) for a in jax.tree_util.tree_leaves(v)], -1)
         expected = jnp.einsum("i,icp->cp", jnp.asarray(u, jnp.float32), jac)
         np.testing.assert_allclose(v_flat, expected, rtol=1e-4, atol=1e-5 * float(jnp.abs(expected).max()))
@@ -117,6 +118,11 @@ def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tm
         assert float(hist_neg[-1]) < start - 0.05, (class_index, start, hist_neg)
         assert float(best_pos) == pytest.approx(float(hist_pos.max()))
         assert float(best_neg) == pytest.approx(float(hist_neg.min()))
+        # the single-program lax.fori_loop and the host loop over the jitted step agree
+        x_fori, best_fori, hist_fori = viz.make_tangent_fns(f, classes, loop="fori").ascend(
+            params, v, x0, 1.0, 0.01, steps=40)
+        np.testing.assert_allclose(hist_fori, hist_pos, atol=1e-5)
+        np.testing.assert_allclose(x_fori, x_pos, atol=1e-6)
         for img, best in ((x_pos, best_pos), (x_neg, best_neg)):
             assert img.shape == (8, 8, 1)
             assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
