@@ -15,8 +15,8 @@ lax.fori_loop. Prints one JSON line per measurement (machine, configuration, med
     vjp, i.e. two forward passes per step;
 - `eigen_image`: direction + 600 steps. When `--steps` < 600 it is EXTRAPOLATED from the
   per-step time (the field `extrapolated_from_steps` says so); `--steps 600` measures it.
-- `ratio`: each other variant's per-step time / one_vjp/host's, all measured in this run,
-  interleaved.
+- `ratio`: each other variant's per-step time / the default variant's, all measured in this
+  run, interleaved.
 
   PYTHONPATH=. python bench/bench_visualize.py                    # 20 steps, extrapolated to 600
   PYTHONPATH=. python bench/bench_visualize.py --steps 600 --repeats 5
@@ -114,8 +114,9 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
     p.add_argument("--image", default="32,32,3", help="image shape H,W,C")
     p.add_argument("--variants", default="one_vjp/host,one_vjp/fori,jvp_plus_vjp/host",
-                   help="loops to time (comma-separated); the first is the script's default on CPU and "
-                        "gives the eigen_image line, the others are compared with it")
+                   help="loops to time (comma-separated); the script's default on this backend "
+                        "(one_vjp/host on CPU, one_vjp/fori elsewhere) gives the eigen_image line and the "
+                        "others are compared with it")
     args = p.parse_args(argv)
 
     import jax
@@ -172,7 +173,10 @@ def main(argv=None):
         print(json.dumps({**base, "measurement": f"loop/{name}", "median_s": med[name],
                           "per_step_s": per_step[name], "runs_s": times[name],
                           "warmup_with_compile_s": compile_s[name]}))
-    main_variant = variants[0]
+    # the eigen_image line uses what the script runs by default on this backend (--loop auto)
+    main_variant = "one_vjp/" + viz.resolve_loop("auto")
+    if main_variant not in variants:
+        main_variant = variants[0]
     record = {**base, "measurement": "eigen_image", "variant": main_variant, "steps": 600}
     if args.steps == 600:
         record["median_s"] = med["direction"] + med[main_variant]
@@ -180,7 +184,7 @@ def main(argv=None):
         record["median_s_extrapolated"] = med["direction"] + 601 * per_step[main_variant]
         record["extrapolated_from_steps"] = args.steps
     print(json.dumps(record))
-    for other in variants[1:]:
+    for other in [name for name in variants if name != main_variant]:
         print(json.dumps({**base, "measurement": "ratio", "what": f"{other} / {main_variant} per step",
                           "ratio": per_step[other] / per_step[main_variant]}))
 
