@@ -324,7 +324,7 @@ def _same_file(a, b):
 
 def output_stem(args, class_index, n):
     name = f"{args.save_name}_class_{class_index}_{n}" if class_index != -1 else f"{args.save_name}_{n}"
-    return os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir, name)
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir, name))
 
 
 def checkpoint_fn(ckpt, apply, use_linear_params=False):
@@ -375,8 +375,9 @@ def make_figure(result, title):
         _show(fig.add_subplot(grid[1, i]), result["neg_images"][i],
               f"u{i + 1}−  (descent)\ncos={result['neg_cos'][i]:.3f}")
     ridge = result["ridge"]
+    target = "Y (one-hot)" if result["class_index"] == -1 else f"y (class {result['class_index']})"
     _show(fig.add_subplot(grid[0:2, m]), result["w_image"],
-          f"w = K⁻¹y{'' if ridge is None else f' (ridge {ridge:.2g})'}\ncos={result['w_cos']:.3f}")
+          f"w = K⁻¹{target}{'' if ridge is None else f', ridge {ridge:.2g}'}\ncos={result['w_cos']:.3f}")
 
     ax = fig.add_subplot(grid[2, :])
     evals = np.asarray(result["eigenvalues"])

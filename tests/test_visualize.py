@@ -177,14 +177,20 @@ def test_end_to_end_resnet_writes_images_cosines_and_png(tmp_path, capsys):
     assert stem + ".png" in out and "u1: eigenvalue" in out
 
 
-def test_w_from_diagonal_kernel_file_is_exact(tmp_path):
-    """A kernel file holding a known diagonal K: the saved w is y_c / diag exactly, no ridge."""
+@pytest.mark.parametrize("class_index", [4, -1])
+def test_w_from_diagonal_kernel_file_is_exact(tmp_path, class_index):
+    """A kernel file holding a known diagonal K: the saved w is y_c / diag exactly (for the
+    mean kernel, -1: the one-hot matrix Y / diag), no ridge."""
     d = np.linspace(3.0, 1.0, 10)
-    ckpt, kpath, (_, _, ds, idx) = _setup(tmp_path, n=10, class_index=4, kernel=np.diag(d))
+    ckpt, kpath, (_, _, ds, idx) = _setup(tmp_path, n=10, class_index=class_index, kernel=np.diag(d))
     res = viz.run(_args(ckpt, kpath, n_images=1, steps=2))
     assert res["ridge"] is None
-    np.testing.assert_allclose(res["w"], (ds.y_train[idx] == 4) / d, rtol=1e-14, atol=0)
+    labels = ds.y_train[idx]
+    expected = (labels == 4) / d if class_index == 4 else (labels[:, None] == np.arange(10)) / d[:, None]
+    np.testing.assert_allclose(res["w"], expected, rtol=1e-14, atol=0)
     np.testing.assert_allclose(res["eigenvalues"], d)
+    name = "ntk_eig_images_class_4_10.pkl" if class_index == 4 else "ntk_eig_images_10.pkl"
+    assert res["pkl_path"] == os.path.join(os.path.dirname(ckpt), name)
 
 
 @pytest.mark.parametrize("change, match", [
