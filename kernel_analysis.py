@@ -1,0 +1,243 @@
+"""Kernel analyses of Tsilivis & Kempe (NeurIPS 2022), as pure functions of kernel matrices.
+
+Three groups, all free of file I/O and of any particular network:
+
+* **Kernel motion** across checkpoints: the kernel distance d(K1, K2), the polar dynamics of
+  a sequence of kernels against the first one (also restricted to the top-k / bottom-k
+  eigenspaces), and the fraction of eigenvalue mass in the top k eigenvalues.
+* **Kernel predictor and eigen-features**: f(x) = K(x,X) (K(X,X) + r I)^-1 Y and its
+  decomposition f = sum_i f_i along the eigenvectors of K(X,X).
+* **Training-free attacks** on the kernel predictor (FGSM, PGD), for any differentiable
+  `kernel_fn(x) -> K(x, X)`.
+
+Conventions
+-----------
+* `k_train_train` is K(X, X) [n, n]; `k_test_train` is K(x, X) [m, n].
+* Eigenvalues are sorted in DESCENDING order everywhere (index 0 = largest).
+* Targets Y are CENTERED one-hot vectors, Y = onehot(y) - 1/C. Centering subtracts the same
+  number from every class score of the full predictor, so its predictions (argmax) equal those
+  of the uncentered predictor; it removes the class-independent offset that the top (nearly
+  constant) eigenvector would otherwise carry.
+* The ridge `r` is absolute here; the scripts pass `ridge_rel * mean(diag K)`.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# --------------------------------------------------------------------------------------
+# Kernel motion
+# --------------------------------------------------------------------------------------
+
+
+def kernel_similarity(k1, k2):
+    """Cosine similarity <K1, K2>_F / (||K1||_F ||K2||_F) as a float (0 if either is zero)."""
+    k1 = np.asarray(k1, np.float64)
+    k2 = np.asarray(k2, np.float64)
+    denom = np.linalg.norm(k1) * np.linalg.norm(k2)
+    if denom == 0.0:
+        return 0.0
+    return float(np.clip(np.sum(k1 * k2) / denom, -1.0, 1.0))
+
+
+def kernel_distance(k1, k2):
+    """Kernel distance d(K1, K2) = 1 - <K1,K2>_F / (||K1||_F ||K2||_F), a float in [0, 2].
+
+    Scale invariant: d(K, c K) = 0 for any c > 0 (Fort et al. 2020; Tsilivis & Kempe 2022)."""
+    return 1.0 - kernel_similarity(k1, k2)
+
+
+def distance_matrix(kernels):
+    """[T, T] matrix of d(K_s, K_t) for a list of T kernels (symmetric, zero diagonal)."""
+    t = len(kernels)
+    flat = np.stack([np.asarray(k, np.float64).ravel() for k in kernels])  # [T, n*n]
+    norms = np.linalg.norm(flat, axis=1)
+    gram = flat @ flat.T
+    denom = np.outer(norms, norms)
+    sim = np.divide(gram, denom, out=np.zeros_like(gram), where=denom > 0)
+    d = 1.0 - np.clip(sim, -1.0, 1.0)
+    d[np.arange(t), np.arange(t)] = 0.0
+    return d
+
+
+def eigh_desc(k):
+    """Eigen-decomposition of a symmetric matrix, eigenvalues in descending order.
+
+    Returns (evals [n], evecs [n, n]) with evecs[:, i] the i-th eigenvector."""
+    k = np.asarray(k, np.float64)
+    k = 0.5 * (k + k.T)
+    evals, evecs = np.linalg.eigh(k)
+    return evals[::-1].copy(), evecs[:, ::-1].copy()
+
+
+def eigenspace_part(k, k_count, which="top"):
+    """The rank-k part of K on its own top-k (largest) or bottom-k (smallest) eigenvalues:
+    U_k diag(lambda_k) U_k^T [n, n]. `which` is 'top', 'bottom' or 'full' (K itself)."""
+    if which == "full":
+        return np.asarray(k, np.float64)
+    if which not in ("top", "bottom"):
+        raise ValueError(f"which must be 'top', 'bottom' or 'full' (got {which!r})")
+    evals, evecs = eigh_desc(k)
+    n = len(evals)
+    if not 1 <= k_count <= n:
+        raise ValueError(f"k must be in [1, {n}] (got {k_count})")
+    sel = slice(0, k_count) if which == "top" else slice(n - k_count, n)
+    u = evecs[:, sel]
+    return (u * evals[sel]) @ u.T
+
+
+def polar_dynamics(kernels):
+    """Polar coordinates of a sequence of kernels K_0..K_T relative to K_0.
+
+    radius_t = ||K_t - K_0||_F / ||K_T - K_0||_F   (0 at t = 0, 1 at t = T; all zeros if K_T = K_0)
+    angle_t  = arccos(<K_t, K_0>_F / (||K_t||_F ||K_0||_F))   (radians, 0 at t = 0)
+
+    Returns a dict of float lists 'radius', 'angle' (length T+1) and 'final_distance'
+    ||K_T - K_0||_F."""
+    ks = [np.asarray(k, np.float64) for k in kernels]
+    k0 = ks[0]
+    dist = np.array([np.linalg.norm(k - k0) for k in ks])
+    final = dist[-1]
+    radius = dist / final if final > 0 else np.zeros_like(dist)
+    angle = np.array([np.arccos(kernel_similarity(k, k0)) for k in ks])
+    angle[0] = 0.0  # arccos(1 - rounding) would otherwise be ~1e-8
+    return {"radius": radius.tolist(), "angle": angle.tolist(), "final_distance": float(final)}
+
+
+def eigenspace_polar_dynamics(kernels, k_count):
+    """`polar_dynamics` of the full kernels, of their top-k parts and of their bottom-k parts.
+
+    Each K_t is truncated on ITS OWN eigenvectors (so a rotation of the eigenspace counts as
+    motion). Returns {'full': ..., 'top': ..., 'bottom': ...}."""
+    return {which: polar_dynamics([eigenspace_part(k, k_count, which) for k in kernels])
+            for which in ("full", "top", "bottom")}
+
+
+def eigenvalue_mass(evals, k_count):
+    """Fraction of the squared eigenvalue mass in the k largest: sum_{i<k} lambda_i^2 / sum lambda_i^2.
+
+    `evals` in any order; a float in [0, 1], non-decreasing in k (0 for the zero matrix)."""
+    sq = np.sort(np.asarray(evals, np.float64) ** 2)[::-1]
+    total = sq.sum()
+    if total == 0.0:
+        return 0.0
+    return float(min(1.0, sq[:k_count].sum() / total))
+
+
+# --------------------------------------------------------------------------------------
+# Kernel predictor and eigen-features
+# --------------------------------------------------------------------------------------
+
+
+def centered_one_hot(labels, num_classes):
+    """Y = onehot(labels) - 1/C, [n, C] float64."""
+    y = np.zeros((len(labels), num_classes))
+    y[np.arange(len(labels)), np.asarray(labels)] = 1.0
+    return y - 1.0 / num_classes
+
+
+class EigenPredictor(dict):
+    """The kernel predictor in eigen-coordinates (a plain dict, picklable):
+    'evals' [n] (descending), 'evecs' [n, n], 'coefs' [n, C] with
+    coefs[i] = u_i^T Y / (lambda_i + ridge), 'alpha' [n, C] = (K + ridge I)^-1 Y, 'ridge'."""
+
+
+def fit_kernel_predictor(k_train_train, y_targets, ridge):
+    """Fit f(x) = K(x,X) (K(X,X) + ridge I)^-1 Y through one eigen-decomposition of K(X,X).
+
+    Returns an `EigenPredictor`. Using the same decomposition for alpha and for the
+    eigen-features makes sum_i f_i = f hold to rounding error."""
+    evals, evecs = eigh_desc(k_train_train)
+    shifted = evals + ridge
+    if np.any(shifted <= 0):
+        raise ValueError(f"K + ridge I is not positive definite (smallest eigenvalue {shifted.min():.3g}); "
+                         "increase the ridge")
+    y_targets = np.asarray(y_targets, np.float64)
+    coefs = (evecs.T @ y_targets) / shifted[:, None]   # [n, C]
+    alpha = evecs @ coefs                             # [n, C]
+    return EigenPredictor(evals=evals, evecs=evecs, coefs=coefs, alpha=alpha, ridge=float(ridge))
+
+
+def kernel_predict(k_test_train, predictor):
+    """Predictor outputs f(x) = K(x,X) alpha, [m, C]."""
+    return np.asarray(k_test_train, np.float64) @ predictor["alpha"]
+
+
+def eigen_features(k_test_train, predictor, indices=None):
+    """Eigen-features f_i(x) = (lambda_i + ridge)^-1 K(x,X) u_i u_i^T Y, [len(indices), m, C].
+
+    Each f_i is rank one in the class axis: a scalar projection K(x,X) u_i times the class
+    vector coefs[i]. Summed over ALL indices they give `kernel_predict` exactly."""
+    idx = np.arange(len(predictor["evals"])) if indices is None else np.asarray(indices)
+    proj = np.asarray(k_test_train, np.float64) @ predictor["evecs"][:, idx]   # [m, F]
+    return proj.T[:, :, None] * predictor["coefs"][idx][:, None, :]
+
+
+def feature_usefulness(features, labels, num_classes):
+    """Per feature, (accuracy of argmax f_i(x), correlation with the centered labels).
+
+    The correlation is E<f_i(x), Y(x)> / sqrt(E||f_i(x)||^2 E||Y(x)||^2), scale free, in [-1, 1].
+    `features` [F, m, C]; returns two [F] arrays."""
+    features = np.asarray(features, np.float64)
+    labels = np.asarray(labels)
+    acc = np.mean(np.argmax(features, -1) == labels[None], axis=1)
+    y = centered_one_hot(labels, num_classes)
+    num = np.mean(np.sum(features * y[None], -1), axis=1)
+    den = np.sqrt(np.mean(np.sum(features ** 2, -1), axis=1) * np.mean(np.sum(y ** 2, -1)))
+    corr = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    return acc, corr
+
+
+# --------------------------------------------------------------------------------------
+# Training-free attacks on kernel predictors
+# --------------------------------------------------------------------------------------
+
+
+def make_kernel_logits(kernel_fn):
+    """`logits(weights, x) -> K(x, X) @ weights` [m, C] for a differentiable
+    `kernel_fn(x) -> K(x, X)` [m, n]; weights [n, C] is alpha (full predictor) or
+    u_i coefs_i^T (one eigen-feature). Build it once: attacks are jitted on its identity."""
+    def logits(weights, x):
+        return kernel_fn(x) @ weights
+    return logits
+
+
+def _xent_sum(logits_fn, weights, x, y):
+    logp = jax.nn.log_softmax(logits_fn(weights, x))
+    return -jnp.sum(jnp.take_along_axis(logp, y[:, None], axis=1))
+
+
+@functools.partial(jax.jit, static_argnames=("logits_fn",))
+def fgsm(logits_fn, weights, x, y, eps):
+    """Fast gradient sign method (Goodfellow et al., ICLR 2015) on the cross-entropy of
+    `logits_fn(weights, x)`: x + eps sign(grad), clipped to [0, 1]. Returns x_adv, x's shape."""
+    from attacks import project
+    g = jax.grad(_xent_sum, argnums=2)(logits_fn, weights, x, y)
+    return project(x + eps * jnp.sign(g), x, eps, "linf")
+
+
+def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key, batch_size=None):
+    """FGSM or L-inf PGD (attacks.pgd: Madry et al. 2018, random start, step 2 eps/steps) on
+    the cross-entropy of a kernel predictor's outputs, in batches of `batch_size`.
+
+    Returns x_adv as a numpy array, x's shape, inside the eps-ball around x and [0, 1]."""
+    import attacks
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int32)
+    weights = jnp.asarray(weights, jnp.float32)
+    batch_size = len(x) if batch_size is None else batch_size
+    out = []
+    for b, start in enumerate(range(0, len(x), batch_size)):
+        xb, yb = jnp.asarray(x[start:start + batch_size]), jnp.asarray(y[start:start + batch_size])
+        if method == "fgsm":
+            xa = fgsm(logits_fn, weights, xb, yb, eps)
+        elif method == "pgd":
+            xa = attacks.pgd(logits_fn, weights, xb, yb, jax.random.fold_in(key, b), eps,
+                             2.0 * eps / steps, steps=steps, norm="linf")
+        else:
+            raise ValueError(f"method must be 'fgsm' or 'pgd' (got {method!r})")
+        out.append(np.asarray(xa))
+    return np.concatenate(out) if out else x.copy()
