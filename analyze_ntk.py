@@ -465,6 +465,7 @@ def run_dynamics(args):
 
     files = _dynamics_figures(results, args.k, out_dir)
     summary = {"command": "dynamics", "config": utils.run_config(args), "k": args.k,
+               "kernels_computed": computed,
                "definitions": {
                    "distance": "d(K1,K2) = 1 - <K1,K2>_F / (|K1|_F |K2|_F)",
                    "radius": "|K_t - K_0|_F / |K_T - K_0|_F",

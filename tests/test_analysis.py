@@ -111,3 +111,97 @@ def test_kernel_predictor_attacks_stay_in_ball_and_lower_accuracy():
         assert x_adv.min() >= 0 and x_adv.max() <= 1
         robust = np.mean(np.argmax(ka.kernel_predict(kernel_fn(jnp.asarray(x_adv)), pred), -1) == y_te)
         assert robust < clean - 0.2, (method, clean, robust)
+
+
+# ---------------------------------------------------------------- end to end (tiny MLP on digits)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A fake run directory: mlp_skinny checkpoints at epochs 0, 0.125, 0.5, 1 whose parameters
+    drift from the initial ones, plus a phase-2 `_linear_` file that must be ignored."""
+    import models
+    import utils
+    run_dir = tmp_path_factory.mktemp("run")
+    init, _ = models.get_model("mlp_skinny", 10)
+    params, state = init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), True)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(1), 2 * len(leaves))
+    d1 = [0.05 * jax.random.normal(k, a.shape) for k, a in zip(keys[::2], leaves)]
+    d2 = [0.05 * jax.random.normal(k, a.shape) for k, a in zip(keys[1::2], leaves)]
+    meta = dict(model="mlp_skinny", width=64, num_classes=10, input_shape=(8, 8, 1), dataset="digits", phase=1)
+    for t in (0, 0.125, 0.5, 1):
+        p = jax.tree_util.tree_unflatten(tree, [a + t * b + t * t * c for a, b, c in zip(leaves, d1, d2)])
+        utils.save_checkpoint(str(run_dir / f"parameters_checkpoint_{t:g}.pkl"), p, params, state,
+                              dict(meta, epoch=t))
+    utils.save_checkpoint(str(run_dir / "parameters_checkpoint_linear_0.pkl"), params, params, state,
+                          dict(meta, epoch=1, phase=2))
+    return run_dir
+
+
+def _args(argv):
+    import analyze_ntk
+    return analyze_ntk.build_parser().parse_args(argv + ["--no_progress"])
+
+
+def test_dynamics_script_orders_checkpoints_caches_and_overlays_runs(tiny_run, tmp_path):
+    pytest.importorskip("ntk")
+    import json
+
+    import analyze_ntk
+    out = tmp_path / "dyn"
+    argv = ["dynamics", "--runs", str(tiny_run), str(tiny_run), "--labels", "A", "B", "--dataset_size", "20",
+            "--k", "3", "--out_dir", str(out)]
+    s = analyze_ntk.run(_args(argv))
+    assert s["kernels_computed"] == 8
+    r = s["runs"]["A"]
+    assert r["epochs"] == [0, 0.125, 0.5, 1]
+    for part in ("full", "top", "bottom"):
+        assert r["polar"][part]["radius"][0] == 0 and r["polar"][part]["radius"][-1] == pytest.approx(1)
+    m10, m20 = np.array(r["mass"]["top10"]), np.array(r["mass"]["top20"])
+    assert np.all((0 <= m10) & (m10 <= m20) & (m20 <= 1 + 1e-12))
+    assert np.allclose(np.diag(r["distance_matrix"]), 0) and r["distance_matrix"][0][-1] > 0
+    assert s["runs"]["B"]["distance_matrix"] == r["distance_matrix"]
+    for f in ("kernel_distance_A.png", "polar_dynamics.png", "polar_vs_epoch.png", "eigenvalue_mass.png"):
+        assert (out / f).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((out / "dynamics.json").read_text())["runs"]["A"]["epochs"] == r["epochs"]
+    # a rerun reuses every kernel; the cached kernel files give the same numbers
+    assert analyze_ntk.run(_args(argv))["kernels_computed"] == 0
+    files = sorted((out / "kernel_cache" / "A").glob("*.pkl"))
+    s2 = analyze_ntk.run(_args(["dynamics", "--kernel_files"] + [str(f) for f in files]
+                               + ["--k", "3", "--out_dir", str(tmp_path / "dyn2")]))
+    r2 = s2["runs"]["run0"]
+    assert r2["epochs"] == r["epochs"] and np.allclose(r2["distance_matrix"], r["distance_matrix"])
+
+
+def test_features_script_sums_to_predictor(tiny_run, tmp_path):
+    pytest.importorskip("ntk")
+    import analyze_ntk
+    s = analyze_ntk.run(_args(["features", "--model_path", str(tiny_run / "parameters_checkpoint_1.pkl"),
+                               "--n_train", "20", "--n_test", "10", "--n_features", "3", "--n_tail", "2",
+                               "--eps", "16", "--steps", "2", "--out_dir", str(tmp_path)]))
+    assert s["max_abs_sum_of_features_minus_predictor"] < 1e-8
+    idx = [r["index"] for r in s["features"]]
+    assert idx[:3] == [0, 1, 2] and idx[-1] == 19
+    assert all(0 <= r[k] <= 1 for r in s["features"] for k in ("acc_clean", "acc_feature_attacked"))
+    assert (tmp_path / "eigen_features.png").exists() and (tmp_path / "eigen_features.json").exists()
+
+
+def test_attack_script_lowers_accuracy_and_saves_transferable_examples(tiny_run, tmp_path):
+    pytest.importorskip("ntk")
+    import analyze_ntk
+    import utils
+    from eval_and_make_adv import load_test_pickle
+    eps = 32
+    s = analyze_ntk.run(_args(["attack", "--model_path", str(tiny_run / "parameters_checkpoint_1.pkl"),
+                               "--n_train", "50", "--n_test", "30", "--eps", str(eps), "--steps", "5",
+                               "--out_dir", str(tmp_path)]))
+    kp = s["kernel_predictor"]
+    assert kp["acc_clean"] >= 0.5 and kp["acc_robust"] < kp["acc_clean"]
+    adv = utils.restricted_load(s["files"]["adv_examples"])
+    clean = utils.restricted_load(s["files"]["clean_examples"])
+    assert adv["images"].shape == (30, 1, 8, 8) and np.array_equal(adv["labels"], clean["labels"])
+    assert np.max(np.abs(adv["images"] - clean["images"])) <= eps / 255 + 1e-6
+    assert adv["images"].min() >= 0 and adv["images"].max() <= 1
+    x, y = load_test_pickle(s["files"]["adv_examples"], (8, 8, 1), 10)   # eval_and_make_adv's reader
+    assert x.shape == (30, 8, 8, 1)
+    t = s["network_transfer"]                                            # ran eval_and_make_adv.run
+    assert 0 <= t["acc_on_ntk_examples"] <= 1 and 0 <= t["acc_clean"] <= 1
