@@ -110,16 +110,6 @@ def _check_args(args):
         raise UserError(f"--step_size must be > 0, got {args.step_size}")
 
 
-def _resolve(meta, key, flag_value, default, path):
-    """The checkpoint's meta value, the flag, or the default; a contradiction is an error."""
-    have = meta.get(key)
-    if have is not None and flag_value is not None and have != flag_value:
-        raise UserError(f"{path} was saved with {key}={have} but --{key} {flag_value} was given")
-    if flag_value is not None:
-        return flag_value
-    return have if have is not None else default
-
-
 def load_test_pickle(path, input_shape, num_classes):
     """Read and check a --test_path pickle. Returns (images NHWC float32, labels int32)."""
     from utils import restricted_load
@@ -206,9 +196,9 @@ def run(args):
     ckpt = utils.load_checkpoint(args.model_path)
     meta = ckpt["meta"]
     path = args.model_path
-    model = _resolve(meta, "model", args.model, "resnet18", path)
-    width = _resolve(meta, "width", args.width, 64, path)
-    dataset = _resolve(meta, "dataset", args.dataset, "cifar10", path)
+    model = utils.resolve_setting(meta, "model", args.model, "resnet18", path)
+    width = utils.resolve_setting(meta, "width", args.width, 64, path)
+    dataset = utils.resolve_setting(meta, "dataset", args.dataset, "cifar10", path)
     num_classes = int(meta.get("num_classes") or data.num_classes_of(dataset))
     input_shape = tuple(meta.get("input_shape") or DATASET_SHAPES[dataset])
     if model not in models.MODELS:

@@ -68,11 +68,15 @@ def _allowed_globals():
     }
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         fn = _allowed_globals().get((module, name))
         if fn is None:
-            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'")
+            raise _Refused(f"refusing to load global '{module}.{name}'")
         return fn
 
 
@@ -84,9 +88,9 @@ def restricted_load(path):
     try:
         with open(path, "rb") as f:
             return _RestrictedUnpickler(f, encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise UserError(f"{path} is not a safe pickle: {e}") from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
 
 
@@ -203,6 +207,16 @@ def check_meta(meta, path, **expected):
         have = meta.get(key)
         if have is not None and want is not None and have != want:
             raise UserError(f"{path} was saved with {key}={have} but {key}={want} was requested")
+
+
+def resolve_setting(meta, key, flag_value, default, path):
+    """The checkpoint's meta value, the flag, or the default; a contradiction is an error."""
+    have = meta.get(key)
+    if have is not None and flag_value is not None and have != flag_value:
+        raise UserError(f"{path} was saved with {key}={have} but --{key} {flag_value} was given")
+    if flag_value is not None:
+        return flag_value
+    return have if have is not None else default
 
 
 def load_into_model(path, init_params, init_state, **expected_meta):
