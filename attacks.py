@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import parallel
 from models import dynamics_apply
 
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "ensemble")
@@ -444,13 +445,13 @@ def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None, n
                 x_run, x_half = _pgd_with_half(predict, variables, x, y, jax.random.fold_in(key, r),
                                                member.eps, member.step_size, steps=member.steps,
                                                norm=member.norm)
-                half = np.asarray(_predict_labels(predict, variables, x_half)) != np.asarray(y)
+                half = parallel.to_host(_predict_labels(predict, variables, x_half)) != parallel.to_host(y)
                 out["pgd_half_fooled"] = out.get("pgd_half_fooled", np.zeros(len(y), bool)) | half
             else:
                 k = jax.random.fold_in(jax.random.fold_in(key, 1000 + m_idx), run_idx)
                 x_run = apgd(predict, variables, x, y, k, member.eps, steps=member.steps,
                              norm=member.norm, loss=loss, target_rank=target_rank)
-            run_fooled = np.asarray(_predict_labels(predict, variables, x_run)) != np.asarray(y)
+            run_fooled = parallel.to_host(_predict_labels(predict, variables, x_run)) != parallel.to_host(y)
             if x_final is None:
                 x_final = x_run
             else:
@@ -526,8 +527,12 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
     """Clean (and, with `attack`, robust) accuracy over arrays, in order, in batches.
 
     The last partial batch is padded to `batch_size` (so nothing recompiles) and only its real
-    rows are counted. `components(variables, x) -> {'f','df'}` (see `make_components`), when
-    given, is evaluated on the clean and adversarial images. Returns a dict:
+    rows are counted. With several devices (parallel.py) every batch is padded the same way to
+    a multiple of the device count and split over the devices, and `variables` are replicated
+    (the padding leaves the real rows' random starts unchanged: JAX's default partitionable
+    threefry draws row i the same whatever the number of rows).
+    `components(variables, x) -> {'f','df'}` (see `make_components`), when given, is evaluated
+    on the clean and adversarial images. Returns a dict:
       'n', 'correct_clean', 'acc_clean', 'predictions_clean' [N];
       'zero_grad_count' (inputs whose cross-entropy input gradient is exactly zero; None when
         `check_gradients` is False), 'warnings' (list of str, see `sanity_warnings`);
@@ -548,31 +553,35 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
     fooled_by = {name: [] for name in members}
     half_fooled = []
     num_classes = _num_classes(predict, variables, np.asarray(x[:1], np.float32)) if "apgd-dlr" in members else None
+    variables = parallel.replicate(variables)
+    size = parallel.padded_size(batch_size)  # batch_size with one device
+    host = parallel.to_host
     for b, start in enumerate(range(0, n, batch_size)):
-        xb = _pad(np.asarray(x[start:start + batch_size], np.float32), batch_size)
-        yb = _pad(np.asarray(y[start:start + batch_size], np.int32), batch_size)
+        xb = _pad(np.asarray(x[start:start + batch_size], np.float32), size)
+        yb = _pad(np.asarray(y[start:start + batch_size], np.int32), size)
         m = min(batch_size, n - start)
-        valid = np.arange(batch_size) < m
-        preds_clean.append(np.asarray(_predict_labels(predict, variables, xb))[:m])
+        valid = np.arange(size) < m
+        (xb, yb), _ = parallel.shard_batch((xb, yb))
+        preds_clean.append(host(_predict_labels(predict, variables, xb))[:m])
         if components is not None:
-            comps_clean.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:m],
+            comps_clean.append(jax.tree_util.tree_map(lambda a: host(a)[:m],
                                                       _components_jit(components, variables, xb)))
         if check_gradients:
-            zero_grad += int(np.sum(np.asarray(_zero_input_grad(predict, variables, xb, yb))[:m]))
+            zero_grad += int(np.sum(host(_zero_input_grad(predict, variables, xb, yb))[:m]))
         if attack is not None:
             res = attack_batch(predict, variables, xb, yb, jax.random.fold_in(key, b), attack, valid=valid,
                                num_classes=num_classes)
             xa = res["x_adv"]
-            preds_adv.append(np.asarray(_predict_labels(predict, variables, xa))[:m])
+            preds_adv.append(host(_predict_labels(predict, variables, xa))[:m])
             for name in members:
                 fooled_by[name].append(res["fooled_by"][name][:m])
             if "pgd_half_fooled" in res:
                 half_fooled.append(res["pgd_half_fooled"][:m])
             if components is not None:
-                comps_adv.append(jax.tree_util.tree_map(lambda a: np.asarray(a)[:m],
+                comps_adv.append(jax.tree_util.tree_map(lambda a: host(a)[:m],
                                                         _components_jit(components, variables, xa)))
             if keep_examples:
-                advs.append(np.asarray(xa)[:m])
+                advs.append(host(xa)[:m])
         if progress is not None:
             progress.update(m)
 

@@ -34,6 +34,11 @@ This engine instead:
 Other callables `f(params, x)` (not `NetFn`) take the generic path: per-example gradients of
 all leaves by `vmap(jacrev)`, contracted the same way.
 
+Several devices: each chunk's batch axis is split over them (parallel.py: the chunk is a
+multiple of the device count, parameters are replicated), so the rows come out sharded along
+the batch axis and the jitted contraction works on the sharded rows; the host receives the
+[chunk, chunk] blocks. One device: unchanged.
+
 Precision: rows are float32 and every contraction accumulates in float32 at full precision
 (`jax.default_matmul_precision("highest")`, so GPUs do not use TF32); the blocks are assembled
 into a float64 numpy array. float32 keeps the CPU at its matmul peak (float64 is 2-4x slower on
@@ -47,6 +52,8 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+
+import parallel
 
 DEFAULT_MEMORY_GB = 4.0
 METHODS = ("auto", "direct", "structured", "jacobian")
@@ -296,8 +303,13 @@ class Plan(NamedTuple):
 
 
 def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=DEFAULT_MEMORY_GB,
-              method="auto", n=None):
-    """Choose the layer forms, chunk size and panel size for a budget of `memory_gb` GiB."""
+              method="auto", n=None, devices=1):
+    """Choose the layer forms, chunk size and panel size for a budget of `memory_gb` GiB.
+
+    With `devices` > 1 (data parallel, see parallel.py) a chunk's examples are split over the
+    devices: the cap MAX_CHUNK applies per device, and the chunk is rounded up to a multiple
+    of `devices` (so it may exceed the budget by at most devices - 1 examples). `memory_gb`
+    stays the total over all devices."""
     import jax
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -312,9 +324,10 @@ def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=D
     budget = memory_gb * 2 ** 30 / 4  # floats
     # A quarter of the budget for one chunk's pass (its rows and transients), the rest for the
     # held panel.
-    chunk = int(max(1, min(MAX_CHUNK, budget * 0.25 // (row + transient))))
+    chunk = int(max(1, min(MAX_CHUNK * devices, budget * 0.25 // (row + transient))))
     if n is not None:
         chunk = min(chunk, max(1, n))
+    chunk = -(-chunk // devices) * devices
     panel_chunks = int(max(1, budget * 0.75 // (chunk * row)))
     if n is not None:
         panel_chunks = min(panel_chunks, -(-n // chunk))
@@ -378,10 +391,11 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     input_shape = x1.shape[1:]
     if not symmetric and x_panel.shape[1:] != input_shape:
         raise ValueError(f"x1 images are {input_shape} but x2 images are {x_panel.shape[1:]}")
-    params = jax.tree_util.tree_map(jnp.asarray, params)
+    params = parallel.replicate(jax.tree_util.tree_map(jnp.asarray, params))
     num_classes = _num_classes(f, params, input_shape)
     classes = classes_of(class_index, num_classes)
-    plan = make_plan(f, params, input_shape, num_classes, class_index, memory_gb, method, n=max(n1, n2))
+    plan = make_plan(f, params, input_shape, num_classes, class_index, memory_gb, method, n=max(n1, n2),
+                     devices=parallel.num_devices())
     rows_fn, gram_fn = _jitted(f, classes, plan.layers)
     b, pc = plan.chunk, plan.panel_chunks
     c1, c2 = -(-n1 // b), -(-n2 // b)
@@ -391,7 +405,7 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
         if len(xb) < b:  # pad to one compiled shape; the padded rows are dropped
             xb = np.concatenate([xb, np.repeat(xb[:1], b - len(xb), 0)])
         t = time.time()
-        rows = jax.block_until_ready(rows_fn(params, jnp.asarray(xb)))
+        rows = jax.block_until_ready(rows_fn(params, parallel.shard_batch(xb)[0]))
         spent["gradients"] += time.time() - t
         return rows
 
@@ -420,7 +434,8 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
                 for j, held_rows in enumerate(held, p0):
                     c_lo, c_hi = j * b, min(n2, (j + 1) * b)
                     t = time.time()
-                    block = np.asarray(gram_fn(rows, held_rows), np.float64)[:r_hi - r_lo, :c_hi - c_lo]
+                    block = np.asarray(parallel.to_host(gram_fn(rows, held_rows)), np.float64)
+                    block = block[:r_hi - r_lo, :c_hi - c_lo]
                     spent["contractions"] += time.time() - t
                     kernel[r_lo:r_hi, c_lo:c_hi] = block
                     if symmetric:
@@ -432,6 +447,7 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     kernel /= plan.k
     if stats is not None:
         stats.update(method=plan.method, k=plan.k, chunk=b, panel_chunks=pc, panels=len(panels),
+                     devices=parallel.num_devices(),
                      row_floats=plan.row_floats, chunk_evaluations=total, example_gradients=total * b,
                      structured_layers=[l.name for l in plan.layers if l.structured],
                      direct_layers=[l.name for l in plan.layers if not l.structured],

@@ -191,12 +191,13 @@ class Run:
     def train_epoch(self, state, theta0, phase, epoch, dynamics, is_training, adversarial, on_batch=None):
         """One epoch over the training set. Returns (state, {'loss', 'acc'})."""
         import jax
-        import jax.numpy as jnp
         from tqdm import tqdm
 
+        import parallel
         from attacks import pgd
         from data import batches, num_batches
 
+        state, theta0 = parallel.replicate((state, theta0))  # no-op with one device
         step = self.train_step(dynamics, is_training)
         predict = self.predict(dynamics)
         n_batches = num_batches(len(self.x_train), self.args.batch_size)
@@ -206,7 +207,9 @@ class Run:
                    leave=False, disable=self.args.no_progress or None, dynamic_ncols=True)
         for i, (xb, yb) in enumerate(batches(self.x_train, self.y_train, self.args.batch_size,
                                             epoch_seed(self.args.random_seed, phase, epoch))):
-            xb, yb = jnp.asarray(xb), jnp.asarray(yb)
+            # Split over the devices (if several); a batch that does not divide is replicated,
+            # never padded, so every step sees exactly its real examples (parallel.py).
+            (xb, yb), _ = parallel.shard_batch((xb, yb), pad=False)
             state, m = step(state, theta0, xb, yb)
             losses = [m["loss"]]
             if adversarial:
