@@ -106,7 +106,7 @@ def worker(out_path):
     # Rows come out sharded along the batch axis.
     classes = ntk.classes_of(-1, 10)
     layers = ntk.discover_layers(f, theta, x1.shape[1:], len(classes))
-    rows_fn, _ = ntk._jitted(f, classes, layers)
+    rows_fn = jax.jit(ntk.make_rows_fn(f, classes, layers))  # what the engine jits
     dense, blocks = rows_fn(parallel.replicate(theta), parallel.shard_batch(x1[:8])[0])
     info["rows_specs"] = [str(a.sharding.spec) if hasattr(a.sharding, "spec") else str(a.sharding)
                           for a in [dense] + [t for blk in blocks for t in blk]]
