@@ -131,7 +131,7 @@ def run(args):
                              args.method, n=len(x))
         print(f"engine: {len(plan.layers)} conv/dense layers intercepted "
               f"({sum(l.structured for l in plan.layers)} structured), {plan.row_floats / 1e6:.2f}M floats "
-              f"per image row, chunks of {plan.chunk}, panels of {plan.panel_chunks} chunks")
+              f"per image row, gradient chunks of {plan.chunk}, blocks of {plan.block} rows, panels of {plan.panel_blocks} blocks")
     which = "mean over logits" if args.class_index == -1 else f"class {args.class_index}"
     print(f"NTK of {model} (width {width}) on {len(x)} {dataset_name} training images, {which}, at "
           f"{'lin_params' if args.use_linear_params else 'params'}")

@@ -27,9 +27,9 @@ This engine instead:
      floats instead of p*o. Dense layers (S = 1) and ResNet-18's last stage (4x4 positions,
      512 channels: 75% of the parameters) take this form, which shrinks a row from 11.2M to
      about 3.1M floats.
-3. Contracts rows in blocks: the rows of as many chunks as fit in `memory_gb` are held (a
-   "panel") while later chunks stream past them, so with a large enough budget every gradient
-   is computed exactly once, and with a small one the result is the same, just slower.
+3. Contracts rows in blocks of several chunks: as many blocks as fit in `memory_gb` are held
+   (a "panel") while later blocks stream past them, so with a large enough budget every
+   gradient is computed exactly once, and with a small one the result is the same, just slower.
 
 Other callables `f(params, x)` (not `NetFn`) take the generic path: per-example gradients of
 all leaves by `vmap(jacrev)`, contracted the same way.
@@ -60,6 +60,10 @@ METHODS = ("auto", "direct", "structured", "jacobian")
 # Examples per jitted gradient call: large enough for efficient batched matmuls, small enough
 # that the transient activations stay a fraction of the budget.
 MAX_CHUNK = 64
+# Rows per contraction block. Contracting is memory-bound on CPUs (each pair of blocks reads
+# both blocks' rows once), so several chunks are gathered into one block: 15x15 blocks ran at
+# 9 GFLOP/s on the 2-core CPU, 60x60 blocks at about four times that.
+BLOCK_ROWS = 64
 
 
 class NetFn:
@@ -299,7 +303,8 @@ class Plan(NamedTuple):
     layers: tuple          # Layer entries (empty on the generic path)
     row_floats: int        # floats in one example's row
     chunk: int             # examples per jitted gradient call
-    panel_chunks: int      # chunks whose rows are held at once
+    block: int             # rows per contraction block (a multiple of chunk)
+    panel_blocks: int      # blocks whose rows are held at once
 
 
 def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=DEFAULT_MEMORY_GB,
@@ -323,15 +328,23 @@ def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=D
     transient = _transient_floats(layers, int(np.prod(input_shape)), k)
     budget = memory_gb * 2 ** 30 / 4  # floats
     # A quarter of the budget for one chunk's pass (its rows and transients), the rest for the
-    # held panel.
+    # held panel and one streaming block.
     chunk = int(max(1, min(MAX_CHUNK * devices, budget * 0.25 // (row + transient))))
     if n is not None:
         chunk = min(chunk, max(1, n))
     chunk = -(-chunk // devices) * devices
-    panel_chunks = int(max(1, budget * 0.75 // (chunk * row)))
+    rest = budget * 0.75
+    per_block = int(max(1, min(BLOCK_ROWS // chunk, rest // (2 * chunk * row))))
     if n is not None:
-        panel_chunks = min(panel_chunks, -(-n // chunk))
-    return Plan(method, k, layers, row, chunk, panel_chunks)
+        per_block = min(per_block, -(-n // chunk))
+    block = per_block * chunk
+    panel_blocks = int(rest // (block * row))
+    if n is None or panel_blocks * block < n:
+        panel_blocks -= 1  # room for the block streaming past the panel
+    panel_blocks = max(1, panel_blocks)
+    if n is not None:
+        panel_blocks = min(panel_blocks, -(-n // block))
+    return Plan(method, k, layers, row, chunk, block, panel_blocks)
 
 
 # --------------------------------------------------------------------------------------
@@ -341,12 +354,16 @@ _JIT_CACHE = {}
 
 
 def _jitted(f, classes, layers):
-    """(rows, gram) jitted once per (f, classes, layers)."""
+    """(rows, put, gram) jitted once per (f, classes, layers)."""
     import jax
     key = (id(f), classes, layers)
     hit = _JIT_CACHE.get(key)
     if hit is None or hit[0] is not f:
-        hit = (f, jax.jit(make_rows_fn(f, classes, layers)), jax.jit(gram))
+        def put(block, rows, start):  # a chunk's rows into its block, in place (donated)
+            return jax.tree_util.tree_map(
+                lambda p, r: jax.lax.dynamic_update_slice_in_dim(p, r, start, 0), block, rows)
+
+        hit = (f, jax.jit(make_rows_fn(f, classes, layers)), jax.jit(put, donate_argnums=0), jax.jit(gram))
         _JIT_CACHE.clear()  # one network at a time: drop the previous one's executables
         _JIT_CACHE[key] = hit
     return hit[1:]
@@ -369,14 +386,15 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     method: 'auto' (per layer, the cheaper exact form), 'direct', 'structured', or 'jacobian'
       (plain per-example gradients of every leaf; what any callable f gets).
     progress: show a tqdm bar over the chunk gradient passes.
-    stats: a dict filled with the plan and counts (chunk, panel, gradient evaluations) and the
+    stats: a dict filled with the plan and counts (chunk, block, panel, gradient evaluations) and the
       seconds spent in total, in gradient passes and in contractions.
     Returns K as a float64 numpy array [n1, n2].
 
-    Schedule: the rows of x2 (x1 when symmetric) are held in panels of `panel_chunks` chunks.
-    Against each panel, every chunk of x1 is contracted with each held chunk as it is computed;
-    when symmetric, only chunks at or after the panel's start, and within the panel only the
-    held chunks up to its own, so each pair is computed once. One panel (a large enough budget)
+    Schedule: images are taken in blocks of `block` rows, each computed `chunk` examples at a
+    time. The blocks of x2 (x1 when symmetric) are held in panels of `panel_blocks` blocks.
+    Against each panel, every block of x1 is contracted with each held block as it is computed;
+    when symmetric, only blocks at or after the panel's start, and within the panel only the
+    held blocks up to its own, so each pair is computed once. One panel (a large enough budget)
     computes every gradient once.
     """
     import jax
@@ -396,31 +414,44 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     classes = classes_of(class_index, num_classes)
     plan = make_plan(f, params, input_shape, num_classes, class_index, memory_gb, method, n=max(n1, n2),
                      devices=parallel.num_devices())
-    rows_fn, gram_fn = _jitted(f, classes, plan.layers)
-    b, pc = plan.chunk, plan.panel_chunks
+    rows_fn, put, gram_fn = _jitted(f, classes, plan.layers)
+    m, b, pc = plan.chunk, plan.block, plan.panel_blocks
     c1, c2 = -(-n1 // b), -(-n2 // b)
+    spent = {"gradients": 0.0, "contractions": 0.0, "example_gradients": 0}
 
     def rows_of(x, i):
-        xb = x[i * b:(i + 1) * b]
-        if len(xb) < b:  # pad to one compiled shape; the padded rows are dropped
-            xb = np.concatenate([xb, np.repeat(xb[:1], b - len(xb), 0)])
-        t = time.time()
-        rows = jax.block_until_ready(rows_fn(params, parallel.shard_batch(xb)[0]))
-        spent["gradients"] += time.time() - t
-        return rows
-
-    spent = {"gradients": 0.0, "contractions": 0.0}
+        """The rows of block i of x, computed m examples at a time; rows past the end of x stay
+        zero (they are dropped)."""
+        lo, hi = i * b, min(len(x), (i + 1) * b)
+        block = None
+        for s in range(lo, hi, m):
+            xb = x[s:s + m]
+            spent["example_gradients"] += len(xb)
+            if len(xb) < m:  # pad to one compiled shape; the padded rows are dropped
+                xb = np.concatenate([xb, np.repeat(xb[:1], m - len(xb), 0)])
+            t = time.time()
+            rows = rows_fn(params, parallel.shard_batch(xb)[0])
+            if m == b:
+                block = rows
+            else:
+                if block is None:
+                    block = jax.tree_util.tree_map(
+                        lambda r: jnp.zeros((b,) + r.shape[1:], r.dtype, device=r.sharding), rows)
+                block = put(block, rows, s - lo)
+            jax.block_until_ready(block)
+            spent["gradients"] += time.time() - t
+        return block
 
     panels = range(0, c2, pc)
-    if symmetric:  # panel p streams the chunks from its own start
+    if symmetric:  # panel p streams the blocks from its own start
         total = sum(c1 - p0 for p0 in panels)
-    else:  # panel p computes its own chunks, then streams all of x1
+    else:  # panel p computes its own blocks, then streams all of x1
         total = sum(min(pc, c2 - p0) + c1 for p0 in panels)
     kernel = np.zeros((n1, n2), np.float64)
     with jax.default_matmul_precision("highest"), \
-            tqdm(total=total, desc="NTK gradients", unit="chunk", disable=not progress) as bar:
+            tqdm(total=total, desc="NTK gradients", unit="block", disable=not progress) as bar:
         for p0 in panels:
-            held = []  # the rows of chunks p0, p0 + 1, ... of x2
+            held = []  # the rows of blocks p0, p0 + 1, ... of x2
             p_end = min(c2, p0 + pc)
             if not symmetric:
                 for j in range(p0, p_end):
@@ -428,7 +459,7 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
                     bar.update(1)
             for i in range(p0 if symmetric else 0, c1):
                 rows = rows_of(x1, i)
-                if symmetric and i < p_end:  # a chunk of this panel: hold it, pair it with those before
+                if symmetric and i < p_end:  # a block of this panel: hold it, pair it with those before
                     held.append(rows)
                 r_lo, r_hi = i * b, min(n1, (i + 1) * b)
                 for j, held_rows in enumerate(held, p0):
@@ -442,13 +473,13 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
                         kernel[c_lo:c_hi, r_lo:r_hi] = block.T
                 bar.update(1)
             del held
-    if symmetric:  # the diagonal chunk blocks were written twice; make them exactly symmetric
+    if symmetric:  # the diagonal blocks were written twice; make them exactly symmetric
         kernel = 0.5 * (kernel + kernel.T)
     kernel /= plan.k
     if stats is not None:
-        stats.update(method=plan.method, k=plan.k, chunk=b, panel_chunks=pc, panels=len(panels),
-                     devices=parallel.num_devices(),
-                     row_floats=plan.row_floats, chunk_evaluations=total, example_gradients=total * b,
+        stats.update(method=plan.method, k=plan.k, chunk=m, block=b, panel_blocks=pc, panels=len(panels),
+                     devices=parallel.num_devices(), row_floats=plan.row_floats, block_evaluations=total,
+                     example_gradients=spent["example_gradients"],
                      structured_layers=[l.name for l in plan.layers if l.structured],
                      direct_layers=[l.name for l in plan.layers if not l.structured],
                      gradient_seconds=spent["gradients"], contraction_seconds=spent["contractions"],

@@ -122,7 +122,7 @@ def child(args):
     if args.side == "engine":
         mid = sorted(range(len(times)), key=times.__getitem__)[len(times) // 2]
         s = all_stats[mid]
-        line.update(memory_gb=args.memory_gb, chunk=s["chunk"], panel_chunks=s["panel_chunks"],
+        line.update(memory_gb=args.memory_gb, chunk=s["chunk"], block=s["block"], panel_blocks=s["panel_blocks"],
                     panels=s["panels"], row_floats=s["row_floats"], example_gradients=s["example_gradients"],
                     gradient_s=round(s["gradient_seconds"], 2), contraction_s=round(s["contraction_seconds"], 2))
     else:

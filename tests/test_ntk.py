@@ -84,13 +84,29 @@ def test_symmetric_psd_and_independent_of_memory_budget(digits):
     big, small = {}, {}
     k_big = ntk.empirical_ntk(f, theta0, x, class_index=-1, stats=big)
     k_small = ntk.empirical_ntk(f, theta0, x, class_index=-1, memory_gb=2e-5, stats=small)
-    assert big["panel_chunks"] * big["chunk"] >= 30 and big["example_gradients"] < 2 * 30  # each once
+    assert big["panel_blocks"] * big["block"] >= 30 and big["example_gradients"] == 30  # each once
     assert small["chunk"] < 30 and small["panels"] > 2 and small["example_gradients"] > 30  # several panels: gradients recomputed
     np.testing.assert_array_equal(k_big, k_big.T)
     np.testing.assert_array_equal(k_small, k_small.T)
     assert _rel(k_small, k_big) < 1e-5
     evals = np.linalg.eigvalsh(k_big)
     assert evals[0] >= -1e-6 * evals[-1]
+
+
+def test_blocks_gathered_from_several_chunks(digits, monkeypatch):
+    """Gradient chunks smaller than the contraction block (a partial last chunk included) give
+    the same kernel, symmetric and against a second set."""
+    x = jnp.asarray(digits.x_train[:30])
+    apply, theta0, _, state = _network("resnet18", 2, x)
+    f = ntk.NetFn(apply, state)
+    whole = ntk.empirical_ntk(f, theta0, x, class_index=1)
+    monkeypatch.setattr(ntk, "MAX_CHUNK", 4)
+    stats = {}
+    k = ntk.empirical_ntk(f, theta0, x, class_index=1, stats=stats)
+    assert stats["chunk"] == 4 and stats["block"] > 4 and stats["example_gradients"] == 30
+    np.testing.assert_array_equal(k, k.T)
+    assert _rel(k, whole) < 1e-5
+    assert _rel(ntk.empirical_ntk(f, theta0, x[:7], x[7:], class_index=1), whole[:7, 7:]) < 1e-5
 
 
 def test_cross_kernel_and_its_input_gradient(digits):
