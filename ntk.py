@@ -354,19 +354,28 @@ _JIT_CACHE = {}
 
 
 def _jitted(f, classes, layers):
-    """(rows, put, gram) jitted once per (f, classes, layers)."""
+    """(rows(params, x), put, gram) jitted once per (network, classes, layers). A NetFn's
+    BatchNorm state is an argument of the jitted rows function, so the checkpoints of one
+    network (kernel motion across epochs) share one compilation."""
+    import functools
+
     import jax
-    key = (id(f), classes, layers)
+    net = isinstance(f, NetFn)
+    key = (f.apply if net else f, classes, layers)
     hit = _JIT_CACHE.get(key)
-    if hit is None or hit[0] is not f:
+    if hit is None:
+        def rows(state, params, x):
+            return make_rows_fn(NetFn(f.apply, state) if net else f, classes, layers)(params, x)
+
         def put(block, rows, start):  # a chunk's rows into its block, in place (donated)
             return jax.tree_util.tree_map(
                 lambda p, r: jax.lax.dynamic_update_slice_in_dim(p, r, start, 0), block, rows)
 
-        hit = (f, jax.jit(make_rows_fn(f, classes, layers)), jax.jit(put, donate_argnums=0), jax.jit(gram))
+        hit = (jax.jit(rows), jax.jit(put, donate_argnums=0), jax.jit(gram))
         _JIT_CACHE.clear()  # one network at a time: drop the previous one's executables
         _JIT_CACHE[key] = hit
-    return hit[1:]
+    rows, put, gram_fn = hit
+    return functools.partial(rows, f.net_state if net else None), put, gram_fn
 
 
 def _num_classes(f, params, input_shape):
