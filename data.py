@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import warnings
 from typing import NamedTuple
 
@@ -22,6 +23,8 @@ DATASETS = ("cifar10", "cifar100", "digits")
 DIGITS_TEST_SIZE = 300
 
 _CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
+# Seconds a download may wait on a silent connection: an offline machine fails fast, not never.
+DOWNLOAD_TIMEOUT_S = 30
 
 
 class Dataset(NamedTuple):
@@ -76,14 +79,20 @@ def load_cifar(name, data_dir, download=True):
     if missing:
         if not download:
             raise UserError(f"{name} not found in {folder}")
+        cls = _torchvision_cls(name)
+        timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # torchvision's urlopen sets none of its own
         try:
-            _torchvision_cls(name)(root=data_dir, train=True, download=True)
+            cls(root=data_dir, train=True, download=True)
         except Exception as e:  # network errors come in many types
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
             raise UserError(
-                f"{name} is not in {folder} and could not be downloaded ({type(e).__name__}). "
-                f"Put torchvision's '{_CIFAR_DIRS[name]}' folder under --data_dir "
-                f"(e.g. --data_dir ../shared/data), or use --dataset digits, which needs no download"
+                f"{name} is not in {folder} and could not be downloaded ({reason}). Download {cls.url} "
+                f"and extract it into --data_dir (it holds '{_CIFAR_DIRS[name]}/'), or use --dataset digits, "
+                f"which needs no download"
             ) from None
+        finally:
+            socket.setdefaulttimeout(timeout)
     bad = [f for f, md5 in train_list + test_list if _md5(os.path.join(folder, f)) != md5]
     if bad:
         warnings.warn(f"{name} files in {folder} do not match torchvision's checksums "

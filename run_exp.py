@@ -93,8 +93,13 @@ def validate(args):
     """Reject bad flags before any work starts."""
     if len(args.loaders) != 2 or any(c not in "CAF" for c in args.loaders):
         raise UserError(f"--loaders must be two letters from C, A, F (got {args.loaders!r})")
-    if args.eps < 0:
+    if not args.eps >= 0:  # also refuses nan
         raise UserError(f"--eps must be >= 0 (got {args.eps})")
+    if not 0 <= args.second_lr < float("inf"):
+        raise UserError(f"--second_lr must be finite and >= 0 (got {args.second_lr})")
+    for flag in ("train_size", "test_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
     for flag in ("standard_epochs", "linear_epochs", "flip_epoch", "pgd_eval_steps"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
@@ -211,18 +216,21 @@ class Run:
             # never padded, so every step sees exactly its real examples (parallel.py).
             (xb, yb), _ = parallel.shard_batch((xb, yb), pad=False)
             state, m = step(state, theta0, xb, yb)
-            losses = [m["loss"]]
+            outs = [m]
             if adversarial:
                 # As the reference: the clean step above, then PGD against the just-updated
                 # model (BatchNorm in inference mode), then a second step on those examples.
                 x_adv = pgd(predict, (state.params, theta0, state.net_state), xb, yb,
                             jax.random.fold_in(attack_key, i), self.eps, 2 * self.eps / 20, steps=20)
                 state, m = step(state, theta0, x_adv, yb)
-                losses.append(m["loss"])
-            loss = float(np.mean([float(v) for v in losses]))
-            if not np.isfinite(loss):
-                raise UserError(f"non-finite loss ({loss}) in phase {phase}, epoch {epoch}, batch {i}: "
-                                f"stopped; the last good checkpoints in {self.args.save_path} were kept")
+                outs.append(m)
+            loss = float(np.mean([float(o["loss"]) for o in outs]))
+            # The loss is taken before each update, so the updated state is checked as well:
+            # nothing non-finite may reach a checkpoint (the fractional ones are saved below).
+            if not np.isfinite(loss) or not all(bool(o["finite"]) for o in outs):
+                what = f"loss ({loss})" if not np.isfinite(loss) else "parameters or optimizer state"
+                raise UserError(f"non-finite {what} in phase {phase}, epoch {epoch}, batch {i}: "
+                                f"stopped before saving it; the checkpoints already in {self.args.save_path} are kept")
             tot_loss += loss * len(yb)
             tot_correct += int(m["correct"])
             seen += len(yb)

@@ -97,6 +97,12 @@ def restricted_load(path):
 # --------------------------------------------------------------------------------------
 # Atomic writes
 # --------------------------------------------------------------------------------------
+def _umask():
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data: bytes):
     """Write `data` to `path` via a temp file in the same directory and a rename, so a crash
     or a full disk leaves any previous file intact."""
@@ -105,6 +111,7 @@ def atomic_write_bytes(path, data: bytes):
     try:
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; give the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -308,7 +315,8 @@ def make_train_step(apply, dynamics, is_training, optimizer):
 
     `dynamics` is one of models.DYNAMICS; `theta0` is ignored by 'standard'. With
     `is_training`, BatchNorm uses batch statistics and its running averages are updated;
-    otherwise it is frozen to them. metrics = {'loss': mean loss, 'correct': count}.
+    otherwise it is frozen to them. metrics = {'loss': mean loss before the update, 'correct':
+    count, 'finite': whether every float of the new TrainState is finite}.
     """
     import jax
     import jax.numpy as jnp
@@ -327,8 +335,13 @@ def make_train_step(apply, dynamics, is_training, optimizer):
         params = optax.apply_updates(state.params, updates)
         if not is_training:
             new_state = state.net_state
-        metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y)}
-        return TrainState(params, new_state, opt_state, state.step + 1), metrics
+        new = TrainState(params, new_state, opt_state, state.step + 1)
+        # The loss was taken before the update: also report whether the new state is finite,
+        # so a NaN guard never lets a non-finite state reach a checkpoint.
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(new)
+                                    if jnp.issubdtype(a.dtype, jnp.inexact)]))
+        metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y), "finite": finite}
+        return new, metrics
 
     return jax.jit(step)
 
