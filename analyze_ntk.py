@@ -482,6 +482,12 @@ def run_dynamics(args):
         print(f"{label}: {len(e)} checkpoints (epochs {e[0]:g}..{e[-1]:g}); final d(K_0, K_T) = "
               f"{r['distance_to_init'][-1]:.4f}; half of the final radius reached at epoch {half}; "
               f"top-10 mass {r['mass']['top10'][0]:.3f} -> {r['mass']['top10'][-1]:.3f}")
+        norms = r["frobenius_norm"]
+        if len(norms) > 1 and norms[0] > 100 * np.median(norms[1:]):
+            print(f"note ({label}): |K_0|_F is {norms[0] / np.median(norms[1:]):.3g} times the median of the later "
+                  "kernels (with BatchNorm, the epoch-0 kernel uses initial running statistics), so |K_t - K_0| is "
+                  "about |K_0| at every t and the radius stays near 1; the angle and the kernel distance are "
+                  "scale-free and remain informative")
     for f in files + [json_path]:
         print(f"wrote {f}")
     return summary

@@ -345,9 +345,3 @@ def make_train_step(apply, dynamics, is_training, optimizer):
 
     return jax.jit(step)
 
-
-def tree_all_finite(tree):
-    import jax
-    import jax.numpy as jnp
-    return bool(all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(tree)
-                    if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)))

@@ -72,6 +72,10 @@ def test_corrupt_and_missing_checkpoints(tmp_path, model):
         load_checkpoint(str(path))
     with pytest.raises(UserError, match="file not found"):
         load_checkpoint(str(tmp_path / "nope.pkl"))
+    text = tmp_path / "README.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_checkpoint(str(text))
 
 
 def _old_jax_pickle(arrays):

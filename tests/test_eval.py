@@ -179,6 +179,9 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (name, err)
         assert not os.path.exists(os.path.join(out_dir, "test_results_test_results.pkl"))
+    with pytest.raises(SystemExit):
+        ev.main(["--model_path", ckpts["a"], "--eps", "-1"])
+    assert "--eps and --l2_eps must be >= 0" in capsys.readouterr().err
     # A flag contradicting the checkpoint's meta.
     with pytest.raises(SystemExit):
         ev.main(["--model_path", ckpts["a"], "--model", "resnet18", "--no_adv"])

@@ -1,0 +1,163 @@
+"""Print the README's bad-input table by running every bad input through the real scripts.
+
+    python docs/bad_inputs.py > /tmp/bad_inputs.md      # about a minute on 2 CPU cores
+
+It makes a scratch directory holding two tiny digits runs, a kernel file and some broken files,
+runs each command there (so the messages show short relative paths; an absolute path into it is
+shown as <scratch>), and checks what the README
+promises: exit status 2, exactly one line on stderr starting with "error: ", no traceback, and no
+file in the scratch directory changed. It fails loudly if any row breaks that promise. The last
+column names the test that asserts the same message in CI (this script is not a test: it takes
+minutes, and the tests already cover every row).
+"""
+import hashlib
+import os
+import pickle
+import shlex
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = [sys.executable]
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+TINY = "--dataset digits --model mlp_skinny --train_size 100 --test_size 50 --pgd_eval_steps 2 --no_progress"
+
+# (input, command run in the scratch directory, the test asserting the same message)
+ROWS = [
+    ("missing checkpoint", "eval_and_make_adv.py --model_path run/nope.pkl",
+     "test_checkpoints.py::test_corrupt_and_missing_checkpoints"),
+    ("truncated checkpoint", "eval_and_make_adv.py --model_path truncated.pkl",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[base-truncated]"),
+    ("a file that is not a pickle", "calculate_kernel.py --model_path README.txt",
+     "test_checkpoints.py::test_corrupt_and_missing_checkpoints"),
+    ("hostile pickle (runs `os.system` when unpickled)", "run_exp.py --base_model_path evil.pkl",
+     "test_checkpoints.py::test_hostile_pickle_is_refused_and_runs_nothing"),
+    ("checkpoint of another model", f"run_exp.py {TINY.replace('mlp_skinny', 'mlp_wide')} "
+     "--base_model_path run/parameters_final.pkl",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[base-other-model]"),
+    ("checkpoint of another width", "calculate_kernel.py --model_path resnet/parameters_final.pkl --width 8",
+     "test_ntk.py::test_bad_inputs_are_refused_before_any_work"),
+    ("checkpoint of another class count", f"run_exp.py {TINY} --base_model_path classes100.pkl",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[base-other-classes]"),
+    ("same, without the `meta` record (a reference checkpoint)",
+     f"run_exp.py {TINY} --base_model_path classes100_nometa.pkl",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[base-other-classes-no-meta]"),
+    ("bad `--loaders`", f"run_exp.py {TINY} --loaders CX",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[loaders-CX]"),
+    ("negative `--eps`", f"run_exp.py {TINY} --eps -1",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[negative-eps]"),
+    ("negative `--eps` (evaluation)", "eval_and_make_adv.py --model_path run/parameters_final.pkl --eps -1",
+     "test_eval.py::test_bad_inputs_are_clear_errors"),
+    ("out-of-range `--class_index`", "calculate_kernel.py --model_path run/parameters_final.pkl --class_index 10",
+     "test_ntk.py::test_bad_inputs_are_refused_before_any_work"),
+    ("`--dataset_size` not divisible by the class count",
+     "calculate_kernel.py --model_path run/parameters_final.pkl --dataset_size 25",
+     "test_ntk.py::test_bad_inputs_are_refused_before_any_work"),
+    ("`--dataset_size` too large", "calculate_kernel.py --model_path run/parameters_final.pkl --dataset_size 5000",
+     "test_ntk.py::test_bad_inputs_are_refused_before_any_work"),
+    ("kernel file from another run", "visualize_ntk_features.py --model_path other/parameters_final.pkl "
+     "--kernel_path run/saved_kernel_class_0_20.pkl",
+     "test_visualize.py::test_kernel_of_another_model_or_checkpoint_is_refused"),
+    ("kernel file for another class", "visualize_ntk_features.py --model_path run/parameters_final.pkl "
+     "--kernel_path run/saved_kernel_class_0_20.pkl --class_index 3",
+     "test_visualize.py::test_cli_prints_one_line_error"),
+    ("`--test_path` without `labels`", "eval_and_make_adv.py --model_path run/parameters_final.pkl "
+     "--test_path no_labels.pkl", "test_eval.py::test_bad_inputs_are_clear_errors"),
+    ("`--test_path` images N×H×W×C", "eval_and_make_adv.py --model_path run/parameters_final.pkl "
+     "--test_path nhwc.pkl", "test_eval.py::test_bad_inputs_are_clear_errors"),
+    ("`--test_path` images of another size", "eval_and_make_adv.py --model_path run/parameters_final.pkl "
+     "--test_path cifar_shaped.pkl", "test_eval.py::test_bad_inputs_are_clear_errors"),
+    ("`--test_path` pixels in 0..255", "eval_and_make_adv.py --model_path run/parameters_final.pkl "
+     "--test_path uint8.pkl", "test_eval.py::test_bad_inputs_are_clear_errors"),
+    ("unwritable `--save_path` (a file is in the way)", f"run_exp.py {TINY} --save_path blocker/run",
+     "test_run_exp.py::test_unwritable_save_path_is_one_line"),
+    ("`--resume` with nothing to resume", f"run_exp.py {TINY} --resume --save_path empty",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[resume-nothing]"),
+    ("`--resume` with other flags than the run's",
+     f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --save_path run --resume --eps 8",
+     "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[resume-other-flags]"),
+    ("CIFAR-10 missing, no network", "run_exp.py --dataset cifar10 --data_dir nodata --no_progress",
+     "test_data.py::test_missing_cifar_offline_says_how_to_get_it"),
+]
+
+
+def sh(cmd, cwd):
+    return subprocess.run(PY + [os.path.join(ROOT, cmd.split()[0])] + shlex.split(cmd)[1:], cwd=cwd,
+                          env=ENV, capture_output=True, text=True)
+
+
+def setup(d):
+    for cmd in (f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --save_path run",
+                f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --save_path other "
+                "--random_seed 1",
+                f"run_exp.py {TINY.replace('mlp_skinny', 'resnet18 --width 2')} --standard_epochs 0 "
+                "--linear_epochs 0 --save_models --save_path resnet",
+                "calculate_kernel.py --model_path run/parameters_final.pkl --dataset_size 20 --class_index 0"):
+        p = sh(cmd, d)
+        assert p.returncode == 0, (cmd, p.stderr[-2000:])
+    sys.path.insert(0, ROOT)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import models
+    import utils
+    meta = utils.load_checkpoint(os.path.join(d, "run", "parameters_final.pkl"))["meta"]
+    init, _ = models.get_model("mlp_skinny", 100)
+    p, s = init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), True)
+    meta100 = {**{k: v for k, v in meta.items() if k != "dataset"}, "num_classes": 100}
+    utils.save_checkpoint(os.path.join(d, "classes100.pkl"), p, p, s, meta100)
+    utils.save_checkpoint(os.path.join(d, "classes100_nometa.pkl"), p, p, s)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch pwned_by_pickle",))
+
+    files = {"evil.pkl": {"params": Evil(), "lin_params": {}, "net_state": {}}}
+    x = np.full((4, 1, 8, 8), 0.5, np.float32)
+    y = np.arange(4)
+    files.update({"no_labels.pkl": {"images": x}, "nhwc.pkl": {"images": x.transpose(0, 2, 3, 1), "labels": y},
+                  "cifar_shaped.pkl": {"images": np.zeros((4, 3, 32, 32), np.float32), "labels": y},
+                  "uint8.pkl": {"images": (x * 255).astype(np.uint8), "labels": y}})
+    for name, obj in files.items():
+        with open(os.path.join(d, name), "wb") as f:
+            pickle.dump(obj, f)
+    with open(os.path.join(d, "run", "parameters_final.pkl"), "rb") as f:
+        raw = f.read()
+    with open(os.path.join(d, "truncated.pkl"), "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    for name, text in {"README.txt": "not a checkpoint\n", "blocker": "a file, not a directory\n"}.items():
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+
+
+def snapshot(d):
+    out = {}
+    for root, _, names in os.walk(d):
+        for n in names:
+            path = os.path.join(root, n)
+            with open(path, "rb") as f:
+                out[path] = (os.stat(path).st_mtime_ns, hashlib.sha1(f.read()).hexdigest())
+    return out
+
+
+def main():
+    with tempfile.TemporaryDirectory() as d:
+        setup(d)
+        print("| bad input | command | exit | message (stderr, one line) | test |\n|---|---|---|---|---|")
+        for what, cmd, test in ROWS:
+            before = snapshot(d)
+            p = sh(cmd, d)
+            lines = p.stderr.strip().splitlines()
+            ok = (p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+                  and "Traceback" not in p.stderr and snapshot(d) == before
+                  and not os.path.exists(os.path.join(d, "pwned_by_pickle")))
+            if not ok:
+                sys.exit(f"row {what!r} broke the promise: exit {p.returncode}, stderr:\n{p.stderr[-3000:]}")
+            # calculate_kernel.py records absolute paths: show the scratch directory as <scratch>
+            message = lines[0].replace(os.path.realpath(d), "<scratch>").replace(d, "<scratch>").replace("|", "\\|")
+            print(f"| {what} | `{cmd}` | {p.returncode} | `{message}` | `{test}` |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
