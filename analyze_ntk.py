@@ -44,7 +44,6 @@ import utils
 from utils import UserError
 
 CHECKPOINT_RE = re.compile(r"^parameters_checkpoint_(\d+(?:\.\d+)?)\.pkl$")
-DATASET_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
 MASS_KS = (10, 20)
 
 
@@ -52,7 +51,7 @@ MASS_KS = (10, 20)
 # Arguments
 # ======================================================================================
 def _add_common(p, n_flag_default=None):
-    p.add_argument("--dataset", default=None, choices=tuple(DATASET_SHAPES),
+    p.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "digits"),
                    help="dataset (default: the checkpoint's)")
     p.add_argument("--data_dir", default="./data", help="where the CIFAR files live (digits needs none)")
     p.add_argument("--model", default=None, choices=("resnet18", "mlp_skinny", "mlp_wide", "linear"),
@@ -174,7 +173,7 @@ class Network:
         self.width = int(meta.get("width") or args.width or 64)
         self.dataset = meta.get("dataset") or args.dataset or "cifar10"
         self.num_classes = int(meta.get("num_classes") or data.num_classes_of(self.dataset))
-        self.input_shape = tuple(meta.get("input_shape") or DATASET_SHAPES[self.dataset])
+        self.input_shape = tuple(meta.get("input_shape") or data.INPUT_SHAPES[self.dataset])
         self.epoch = meta.get("epoch")
         init, self.apply = models.get_model(self.model, self.num_classes, self.width)
         params0, state0 = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),

@@ -19,7 +19,9 @@ import numpy as np
 
 from utils import UserError, restricted_load
 
-DATASETS = ("cifar10", "cifar100", "digits")
+# Image shape (H, W, C) of each dataset, known without loading it.
+INPUT_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
+DATASETS = tuple(INPUT_SHAPES)
 DIGITS_TEST_SIZE = 300
 
 _CIFAR_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}

@@ -32,8 +32,6 @@ import numpy as np
 
 from utils import UserError
 
-# Input shape (H, W, C) of each dataset, so --test_path needs no dataset on disk.
-DATASET_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
 # Pixel values may carry float rounding from the attack's own arithmetic.
 RANGE_TOLERANCE = 1e-5
 
@@ -200,7 +198,7 @@ def run(args):
     width = utils.resolve_setting(meta, "width", args.width, 64, path)
     dataset = utils.resolve_setting(meta, "dataset", args.dataset, "cifar10", path)
     num_classes = int(meta.get("num_classes") or data.num_classes_of(dataset))
-    input_shape = tuple(meta.get("input_shape") or DATASET_SHAPES[dataset])
+    input_shape = tuple(meta.get("input_shape") or data.INPUT_SHAPES[dataset])
     if model not in models.MODELS:
         raise UserError(f"{path} names an unknown model {model!r}")
     out_dir = os.path.join(os.path.dirname(os.path.abspath(path)), args.bonus_dir)
