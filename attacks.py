@@ -19,13 +19,19 @@ robust (the clean image is itself a point of the eps-ball).
 With `restarts > 1` every attack runs again from fresh random starts, and an example counts as
 robust only if it survives every restart (and, for apgd-dlr, every target).
 
-All loops run inside jit (`lax.fori_loop`); the host only loops over batches, restarts, targets
-and attacks.
+Each attack step is one jitted function. On accelerators the steps run inside jit in a
+`lax.fori_loop`; on CPU the host dispatches the jitted step once per iteration instead, because
+XLA:CPU runs the convolutions' backward pass 2-3 times slower inside a while loop
+(jax-ml/jax#12868; `bench/bench_attacks.py --loops fori,host` measures both). The per-step dispatch
+costs microseconds against a step of milliseconds to seconds, and both give the same iterates.
+`NTK_ATTACK_LOOP=fori|host` overrides the choice. Inside an outer `jax.jit` the loop is always
+a `fori_loop`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass
 
 import jax
@@ -238,40 +244,84 @@ def _loss_and_grad(predict, variables, x, y, target, loss):
 
 
 # --------------------------------------------------------------------------------------
+# Loops
+# --------------------------------------------------------------------------------------
+def loop_mode():
+    """'host' (a Python loop over a jitted step) on CPU, 'fori' (one jitted lax.fori_loop)
+    elsewhere; the environment variable NTK_ATTACK_LOOP=fori|host overrides it."""
+    mode = os.environ.get("NTK_ATTACK_LOOP", "auto")
+    if mode not in ("auto", "fori", "host"):
+        raise ValueError(f"NTK_ATTACK_LOOP must be auto, fori or host (got {mode!r})")
+    if mode == "auto":
+        return "host" if jax.default_backend() == "cpu" else "fori"
+    return mode
+
+
+def _iterate(step_jit, fori_jit, lo, hi, state, *args):
+    """state <- step(i, state, *args) for i in [lo, hi): `fori_jit` runs the whole loop in one
+    jitted fori_loop, or the host dispatches `step_jit` once per i (see the module doc)."""
+    if lo >= hi:
+        return state
+    if loop_mode() == "fori" or any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(state)):
+        return fori_jit(lo, hi, state, *args)
+    for i in range(lo, hi):
+        state = step_jit(jnp.asarray(i, jnp.int32), state, *args)
+    return state
+
+
+def _fori(step, static_argnames):
+    """The jitted fori_loop of `step(i, state, *args)` over [lo, hi)."""
+    @functools.partial(jax.jit, static_argnames=static_argnames)
+    def run(lo, hi, state, *args, **static):
+        return jax.lax.fori_loop(lo, hi, lambda i, st: step(i, st, *args, **static), state)
+    return run
+
+
+# --------------------------------------------------------------------------------------
 # PGD
 # --------------------------------------------------------------------------------------
-def _pgd_loop(predict, variables, x, y, key, eps, step_size, steps, norm):
-    """(last iterate, iterate after steps // 2), both [N, ...]."""
-    grad_fn = jax.grad(_xent_sum, argnums=2)
-    x = x.astype(jnp.float32)
-
-    def body(_, x_adv):
-        g = grad_fn(predict, variables, x_adv, y)
-        x_adv = x_adv + step_size * _ascent_direction(g, norm)
-        return project(x_adv, x, eps, norm)  # clip to [0,1], then back into the ball
-
-    x_adv = random_start(key, x, eps, norm)
-    x_half = jax.lax.fori_loop(0, steps // 2, body, x_adv)
-    return jax.lax.fori_loop(steps // 2, steps, body, x_half), x_half
+def _pgd_step(i, x_adv, variables, x, y, eps, step_size, *, predict, norm):
+    del i
+    g = jax.grad(_xent_sum, argnums=2)(predict, variables, x_adv, y)
+    x_adv = x_adv + step_size * _ascent_direction(g, norm)
+    return project(x_adv, x, eps, norm)  # clip to [0,1], then back into the ball
 
 
-@functools.partial(jax.jit, static_argnames=("predict", "norm"))
+_PGD_STATIC = ("predict", "norm")
+_pgd_step_jit = jax.jit(_pgd_step, static_argnames=_PGD_STATIC)
+_pgd_fori = _fori(_pgd_step, _PGD_STATIC)
+_random_start_jit = jax.jit(lambda key, x0, eps, norm: random_start(key, x0, eps, norm), static_argnames=("norm",))
+
+
+def _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half):
+    """The last PGD iterate, and with `half` also the iterate after steps // 2."""
+    x = jnp.asarray(x, jnp.float32)
+    x_adv = _random_start_jit(key, x, eps, norm)
+    kw = dict(predict=predict, norm=norm)
+    args = (variables, x, y, eps, step_size)
+    x_half = _iterate(functools.partial(_pgd_step_jit, **kw), functools.partial(_pgd_fori, **kw),
+                      0, steps // 2, x_adv, *args)
+    x_last = _iterate(functools.partial(_pgd_step_jit, **kw), functools.partial(_pgd_fori, **kw),
+                      steps // 2, steps, x_half, *args)
+    return (x_last, x_half) if half else x_last
+
+
 def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf"):
     """Projected gradient descent on the cross-entropy (Madry et al., ICLR 2018).
 
     One seeded random start, then `steps` steps of
       L-inf: x <- x + step_size * sign(grad);   L2: x <- x + step_size * grad / ||grad||,
     each followed by a clip to [0, 1] and a projection onto the eps-ball around x.
-    Runs inside jit with `lax.fori_loop`; `steps` is traced, so PGD-20 and PGD-100 share one
-    compiled executable. Returns adversarial images, same shape as x.
+    Each step is jitted (see the module doc for how they are looped); `steps` is not part of
+    any compiled shape, so PGD-20 and PGD-100 share their executables. Returns adversarial
+    images, same shape as x.
     """
-    return _pgd_loop(predict, variables, x, y, key, eps, step_size, steps, norm)[0]
+    return _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half=False)
 
 
-@functools.partial(jax.jit, static_argnames=("predict", "norm", "steps"))
 def _pgd_with_half(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf"):
     """`pgd` that also returns its iterate after steps // 2 (for the more-steps sanity check)."""
-    return _pgd_loop(predict, variables, x, y, key, eps, step_size, steps, norm)
+    return _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -304,7 +354,71 @@ def _checkpoint_tables(steps):
     return is_check, window
 
 
-@functools.partial(jax.jit, static_argnames=("predict", "norm", "steps", "loss"))
+def _apgd_where(mask, a, b):
+    return jnp.where(_bcast(mask, a), a, b)
+
+
+def _apgd_loss_grad(predict, variables, x_, y, target, loss):
+    return _loss_and_grad(predict, variables, x_, y, target, loss)
+
+
+@functools.partial(jax.jit, static_argnames=("predict", "norm", "loss"))
+def _apgd_init(predict, variables, x, y, key, eps, target_rank, *, norm, loss):
+    """(target [N], initial loop state) of APGD."""
+    logits_clean = predict(variables, x)
+    other = jnp.where(jax.nn.one_hot(y, logits_clean.shape[-1], dtype=bool), -jnp.inf, logits_clean)
+    target = jnp.argsort(-other, axis=1)[:, target_rank]
+    x0 = random_start(key, x, eps, norm)
+    l0, logits0, g0 = _apgd_loss_grad(predict, variables, x0, y, target, loss)
+    fooled_clean = jnp.argmax(logits_clean, -1) != y
+    fooled0 = jnp.argmax(logits0, -1) != y
+    x_out = _apgd_where(fooled_clean, x, _apgd_where(fooled0, x0, x))  # first misclassified point found
+    fooled = fooled_clean | fooled0
+    eta = jnp.full((x.shape[0],), 2.0 * eps, jnp.float32)
+    return target, (x0, x0, g0, l0, x0, g0, l0, eta, jnp.zeros(x.shape[0], jnp.int32), l0,
+                    jnp.zeros(x.shape[0], bool), x_out, fooled)
+
+
+def _apgd_step(i, s, variables, x, y, target, eps, is_check, window, *, predict, norm, loss):
+    """One APGD iteration i (0-based) on the loop state s."""
+    where = _apgd_where
+    (x_cur, x_prev, g_cur, l_cur, x_best, g_best, l_best, eta, n_up, l_best_ck, halved_ck,
+     x_out, fooled) = s
+    a = jnp.where(i == 0, 1.0, APGD_MOMENTUM)
+    z = project(x_cur + _bcast(eta, x_cur) * _ascent_direction(g_cur, norm), x, eps, norm)
+    x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps, norm)
+    l_new, logits, g_new = _apgd_loss_grad(predict, variables, x_new, y, target, loss)
+
+    hit = (jnp.argmax(logits, -1) != y) & ~fooled   # keep the first misclassified point
+    x_out = where(hit, x_new, x_out)
+    fooled = fooled | hit
+    n_up = n_up + (l_new > l_cur)
+    better = l_new > l_best                          # keep the point of highest loss
+    x_best, g_best = where(better, x_new, x_best), where(better, g_new, g_best)
+    l_best = jnp.where(better, l_new, l_best)
+    x_prev, x_cur, g_cur, l_cur = x_cur, x_new, g_new, l_new
+
+    # Checkpoint w_j: halve the step where one of the two conditions holds, and restart
+    # those examples from their best point (with no momentum).
+    ck = is_check[i]
+    cond1 = n_up < APGD_RHO * window[i]
+    cond2 = ~halved_ck & (l_best_ck >= l_best)
+    halve = ck & (cond1 | cond2)
+    eta = jnp.where(halve, 0.5 * eta, eta)
+    x_cur, x_prev = where(halve, x_best, x_cur), where(halve, x_best, x_prev)
+    g_cur, l_cur = where(halve, g_best, g_cur), jnp.where(halve, l_best, l_cur)
+    n_up = jnp.where(ck, 0, n_up)
+    halved_ck = jnp.where(ck, halve, halved_ck)
+    l_best_ck = jnp.where(ck, l_best, l_best_ck)
+    return (x_cur, x_prev, g_cur, l_cur, x_best, g_best, l_best, eta, n_up, l_best_ck,
+            halved_ck, x_out, fooled)
+
+
+_APGD_STATIC = ("predict", "norm", "loss")
+_apgd_step_jit = jax.jit(_apgd_step, static_argnames=_APGD_STATIC)
+_apgd_fori = _fori(_apgd_step, _APGD_STATIC)
+
+
 def apgd(predict, variables, x, y, key, eps, *, steps, norm="linf", loss="ce", target_rank=0):
     """Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble
     of diverse parameter-free attacks", ICML 2020, Algorithm 1).
@@ -324,64 +438,14 @@ def apgd(predict, variables, x, y, key, eps, *, steps, norm="linf", loss="ce", t
     image itself if it already is), otherwise the iterate of highest loss. Inside the eps-ball
     and [0, 1].
     """
-    x = x.astype(jnp.float32)
-    logits_clean = predict(variables, x)
-    other = jnp.where(jax.nn.one_hot(y, logits_clean.shape[-1], dtype=bool), -jnp.inf, logits_clean)
-    target = jnp.argsort(-other, axis=1)[:, target_rank]
-    is_check, window = _checkpoint_tables(steps)
-    is_check, window = jnp.asarray(is_check), jnp.asarray(window)
-
-    def loss_grad(x_):
-        return _loss_and_grad(predict, variables, x_, y, target, loss)
-
-    def where(mask, a, b):
-        return jnp.where(_bcast(mask, a), a, b)
-
-    x0 = random_start(key, x, eps, norm)
-    l0, logits0, g0 = loss_grad(x0)
-    fooled_clean = jnp.argmax(logits_clean, -1) != y
-    fooled0 = jnp.argmax(logits0, -1) != y
-    x_out = where(fooled_clean, x, where(fooled0, x0, x))  # first misclassified point found
-    fooled = fooled_clean | fooled0
-    eta = jnp.full((x.shape[0],), 2.0 * eps, jnp.float32)
-
-    def body(i, s):
-        (x_cur, x_prev, g_cur, l_cur, x_best, g_best, l_best, eta, n_up, l_best_ck, halved_ck,
-         x_out, fooled) = s
-        a = jnp.where(i == 0, 1.0, APGD_MOMENTUM)
-        z = project(x_cur + _bcast(eta, x_cur) * _ascent_direction(g_cur, norm), x, eps, norm)
-        x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps, norm)
-        l_new, logits, g_new = loss_grad(x_new)
-
-        hit = (jnp.argmax(logits, -1) != y) & ~fooled   # keep the first misclassified point
-        x_out = where(hit, x_new, x_out)
-        fooled = fooled | hit
-        n_up = n_up + (l_new > l_cur)
-        better = l_new > l_best                          # keep the point of highest loss
-        x_best, g_best = where(better, x_new, x_best), where(better, g_new, g_best)
-        l_best = jnp.where(better, l_new, l_best)
-        x_prev, x_cur, g_cur, l_cur = x_cur, x_new, g_new, l_new
-
-        # Checkpoint w_j: halve the step where one of the two conditions holds, and restart
-        # those examples from their best point (with no momentum).
-        ck = is_check[i]
-        cond1 = n_up < APGD_RHO * window[i]
-        cond2 = ~halved_ck & (l_best_ck >= l_best)
-        halve = ck & (cond1 | cond2)
-        eta = jnp.where(halve, 0.5 * eta, eta)
-        x_cur, x_prev = where(halve, x_best, x_cur), where(halve, x_best, x_prev)
-        g_cur, l_cur = where(halve, g_best, g_cur), jnp.where(halve, l_best, l_cur)
-        n_up = jnp.where(ck, 0, n_up)
-        halved_ck = jnp.where(ck, halve, halved_ck)
-        l_best_ck = jnp.where(ck, l_best, l_best_ck)
-        return (x_cur, x_prev, g_cur, l_cur, x_best, g_best, l_best, eta, n_up, l_best_ck,
-                halved_ck, x_out, fooled)
-
-    init = (x0, x0, g0, l0, x0, g0, l0, eta, jnp.zeros(x.shape[0], jnp.int32), l0,
-            jnp.zeros(x.shape[0], bool), x_out, fooled)
-    s = jax.lax.fori_loop(0, steps, body, init)
+    x = jnp.asarray(x, jnp.float32)
+    is_check, window = (jnp.asarray(t) for t in _checkpoint_tables(steps))
+    kw = dict(predict=predict, norm=norm, loss=loss)
+    target, init = _apgd_init(predict, variables, x, y, key, eps, target_rank, norm=norm, loss=loss)
+    s = _iterate(functools.partial(_apgd_step_jit, **kw), functools.partial(_apgd_fori, **kw),
+                 0, steps, init, variables, x, y, target, eps, is_check, window)
     x_best, x_out, fooled = s[4], s[11], s[12]
-    return where(fooled, x_out, x_best)
+    return _apgd_where(fooled, x_out, x_best)
 
 
 # --------------------------------------------------------------------------------------

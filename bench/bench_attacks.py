@@ -6,6 +6,7 @@ one line with the APGD-CE / PGD ratio. Runs of the two attacks are interleaved, 
 other processes hits both sides alike.
 
   PYTHONPATH=. python bench/bench_attacks.py --steps 10 --repeats 5        # CPU: time 10 steps
+  PYTHONPATH=. python bench/bench_attacks.py --loops fori,host              # the two loop modes
   PYTHONPATH=. python bench/bench_attacks.py --steps 100 --repeats 10      # GPU: the full budget
 
 The network has random weights (a non-zero logits layer, BatchNorm in inference mode) and the
@@ -75,6 +76,9 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
     p.add_argument("--dynamics", default="standard", help="dynamics attacked (models.DYNAMICS)")
     p.add_argument("--attacks", default="pgd,apgd-ce", help="comma-separated: pgd, apgd-ce, apgd-dlr (one target)")
+    p.add_argument("--loops", default="auto",
+                   help="comma-separated loop modes to time (NTK_ATTACK_LOOP: auto, fori, host); 'fori,host' "
+                        "also prints their ratio")
     args = p.parse_args(argv)
 
     import jax
@@ -110,31 +114,43 @@ def main(argv=None):
     for n in names:
         if n not in runners:
             p.error(f"unknown attack {n!r}")
+    loops = [m.strip() for m in args.loops.split(",") if m.strip()]
+    cases = [(n, m) for m in loops for n in names]
+
+    def run(case):
+        os.environ["NTK_ATTACK_LOOP"] = case[1]
+        runners[case[0]]().block_until_ready()
+
     info = machine()
     compile_s = {}
-    for n in names:   # warm-up: compile and run once
+    for c in cases:   # warm-up: compile and run once
         t = time.perf_counter()
-        runners[n]().block_until_ready()
-        compile_s[n] = time.perf_counter() - t
-    times = {n: [] for n in names}
+        run(c)
+        compile_s[c] = time.perf_counter() - t
+    times = {c: [] for c in cases}
     for _ in range(args.repeats):
-        for n in names:   # interleaved
+        for c in cases:   # interleaved
             t = time.perf_counter()
-            runners[n]().block_until_ready()
-            times[n].append(time.perf_counter() - t)
+            run(c)
+            times[c].append(time.perf_counter() - t)
     config = {"model": "resnet18", "width": args.width, "batch_size": args.batch_size, "steps": args.steps,
               "norm": "linf", "dynamics": args.dynamics, "repeats": args.repeats}
-    for n in names:
-        med = statistics.median(times[n])
-        print(json.dumps({"bench": "attack_cost", "attack": n, **config, "machine": info,
-                          "median_s": round(med, 4), "median_s_per_step": round(med / args.steps, 5),
-                          "min_s": round(min(times[n]), 4), "max_s": round(max(times[n]), 4),
-                          "warmup_s_with_compile": round(compile_s[n], 2)}), flush=True)
-    if "pgd" in names and "apgd-ce" in names:
-        ratio = statistics.median(times["apgd-ce"]) / statistics.median(times["pgd"])
-        print(json.dumps({"bench": "apgd_ce_over_pgd", **config, "machine": info,
-                          "ratio_of_medians": round(ratio, 3)}), flush=True)
-
+    med = {c: statistics.median(t) for c, t in times.items()}
+    for (n, m) in cases:
+        os.environ["NTK_ATTACK_LOOP"] = m
+        print(json.dumps({"bench": "attack_cost", "attack": n, "loop": m, "loop_used": attacks.loop_mode(),
+                          **config, "machine": info,
+                          "median_s": round(med[n, m], 4), "median_s_per_step": round(med[n, m] / args.steps, 5),
+                          "min_s": round(min(times[n, m]), 4), "max_s": round(max(times[n, m]), 4),
+                          "warmup_s_with_compile": round(compile_s[n, m], 2)}), flush=True)
+    for m in loops:
+        if "pgd" in names and "apgd-ce" in names:
+            print(json.dumps({"bench": "apgd_ce_over_pgd", "loop": m, **config, "machine": info,
+                              "ratio_of_medians": round(med["apgd-ce", m] / med["pgd", m], 3)}), flush=True)
+    if "fori" in loops and "host" in loops:
+        for n in names:
+            print(json.dumps({"bench": "fori_over_host", "attack": n, **config, "machine": info,
+                              "ratio_of_medians": round(med[n, "fori"] / med[n, "host"], 3)}), flush=True)
 
 if __name__ == "__main__":
     main()

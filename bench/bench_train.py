@@ -25,9 +25,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 REFERENCE_IMG_PER_S = {"train_standard": 23.9, "train_linear": 18.5, "pgd20": 2.5}
-# XNNPACK for dots/convs on CPU: measured faster on the 2-core AMD EPYC than the default Eigen
-# path; fp32 throughout (no bf16), so results agree up to float rounding.
-DEFAULT_XLA_FLAGS = "--xla_cpu_use_xnnpack=true"
+# XLA's defaults, which is what the scripts run with. `--xla_flags --xla_cpu_use_xnnpack=true`
+# tries XNNPACK for dots/convs (fp32): faster on a 2-core AMD EPYC, no different (within 2%) on
+# a 2-core Intel Xeon.
+DEFAULT_XLA_FLAGS = ""
 
 
 def parse_args(argv=None):

@@ -192,3 +192,28 @@ def test_attack_options_build_configs():
     assert attacks.attack_from_args(argparse.Namespace(), "linf", 0.1, 10).name == "pgd"
     with pytest.raises(SystemExit):
         p.parse_args(["--attack", "fgsm"])
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd-ce", "apgd-dlr"])
+def test_host_and_fori_loops_give_the_same_iterates(name, mlp_model, digits, monkeypatch):
+    # CPU runs the attack steps from a host loop, accelerators in one fori_loop (attacks.py):
+    # both must compute the same attack.
+    apply, params, state = mlp_model
+    predict = attacks.make_predict(apply, "standard")
+    variables = (params, params, state)
+    x, y = jnp.asarray(digits.x_test[:40]), jnp.asarray(digits.y_test[:40])
+    key, eps = jax.random.PRNGKey(3), 0.1
+    out = {}
+    for mode in ("host", "fori"):
+        monkeypatch.setenv("NTK_ATTACK_LOOP", mode)
+        assert attacks.loop_mode() == mode
+        if name == "pgd":
+            out[mode] = attacks.pgd(predict, variables, x, y, key, eps, 0.02, steps=7)
+        else:
+            out[mode] = attacks.apgd(predict, variables, x, y, key, eps, steps=9,
+                                     loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=1)
+    assert not np.allclose(out["host"], x)            # the attack moved the images
+    np.testing.assert_allclose(out["host"], out["fori"], atol=1e-6)
+    monkeypatch.setenv("NTK_ATTACK_LOOP", "sometimes")
+    with pytest.raises(ValueError, match="NTK_ATTACK_LOOP"):
+        attacks.loop_mode()
