@@ -257,15 +257,15 @@ def loop_mode():
     return mode
 
 
-def _iterate(step_jit, fori_jit, lo, hi, state, *args):
-    """state <- step(i, state, *args) for i in [lo, hi): `fori_jit` runs the whole loop in one
-    jitted fori_loop, or the host dispatches `step_jit` once per i (see the module doc)."""
+def _iterate(step_jit, fori_jit, lo, hi, state, *args, **static):
+    """state <- step(i, state, *args, **static) for i in [lo, hi): `fori_jit` runs the whole loop
+    in one jitted fori_loop, or the host dispatches `step_jit` once per i (see the module doc)."""
     if lo >= hi:
         return state
     if loop_mode() == "fori" or any(isinstance(a, jax.core.Tracer) for a in jax.tree_util.tree_leaves(state)):
-        return fori_jit(lo, hi, state, *args)
+        return fori_jit(lo, hi, state, *args, **static)
     for i in range(lo, hi):
-        state = step_jit(jnp.asarray(i, jnp.int32), state, *args)
+        state = step_jit(jnp.asarray(i, jnp.int32), state, *args, **static)
     return state
 
 
@@ -290,19 +290,16 @@ def _pgd_step(i, x_adv, variables, x, y, eps, step_size, *, predict, norm):
 _PGD_STATIC = ("predict", "norm")
 _pgd_step_jit = jax.jit(_pgd_step, static_argnames=_PGD_STATIC)
 _pgd_fori = _fori(_pgd_step, _PGD_STATIC)
-_random_start_jit = jax.jit(lambda key, x0, eps, norm: random_start(key, x0, eps, norm), static_argnames=("norm",))
+_random_start_jit = jax.jit(random_start, static_argnames=("norm",))
 
 
 def _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half):
     """The last PGD iterate, and with `half` also the iterate after steps // 2."""
     x = jnp.asarray(x, jnp.float32)
     x_adv = _random_start_jit(key, x, eps, norm)
-    kw = dict(predict=predict, norm=norm)
     args = (variables, x, y, eps, step_size)
-    x_half = _iterate(functools.partial(_pgd_step_jit, **kw), functools.partial(_pgd_fori, **kw),
-                      0, steps // 2, x_adv, *args)
-    x_last = _iterate(functools.partial(_pgd_step_jit, **kw), functools.partial(_pgd_fori, **kw),
-                      steps // 2, steps, x_half, *args)
+    x_half = _iterate(_pgd_step_jit, _pgd_fori, 0, steps // 2, x_adv, *args, predict=predict, norm=norm)
+    x_last = _iterate(_pgd_step_jit, _pgd_fori, steps // 2, steps, x_half, *args, predict=predict, norm=norm)
     return (x_last, x_half) if half else x_last
 
 
@@ -358,10 +355,6 @@ def _apgd_where(mask, a, b):
     return jnp.where(_bcast(mask, a), a, b)
 
 
-def _apgd_loss_grad(predict, variables, x_, y, target, loss):
-    return _loss_and_grad(predict, variables, x_, y, target, loss)
-
-
 @functools.partial(jax.jit, static_argnames=("predict", "norm", "loss"))
 def _apgd_init(predict, variables, x, y, key, eps, target_rank, *, norm, loss):
     """(target [N], initial loop state) of APGD."""
@@ -369,7 +362,7 @@ def _apgd_init(predict, variables, x, y, key, eps, target_rank, *, norm, loss):
     other = jnp.where(jax.nn.one_hot(y, logits_clean.shape[-1], dtype=bool), -jnp.inf, logits_clean)
     target = jnp.argsort(-other, axis=1)[:, target_rank]
     x0 = random_start(key, x, eps, norm)
-    l0, logits0, g0 = _apgd_loss_grad(predict, variables, x0, y, target, loss)
+    l0, logits0, g0 = _loss_and_grad(predict, variables, x0, y, target, loss)
     fooled_clean = jnp.argmax(logits_clean, -1) != y
     fooled0 = jnp.argmax(logits0, -1) != y
     x_out = _apgd_where(fooled_clean, x, _apgd_where(fooled0, x0, x))  # first misclassified point found
@@ -387,7 +380,7 @@ def _apgd_step(i, s, variables, x, y, target, eps, is_check, window, *, predict,
     a = jnp.where(i == 0, 1.0, APGD_MOMENTUM)
     z = project(x_cur + _bcast(eta, x_cur) * _ascent_direction(g_cur, norm), x, eps, norm)
     x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps, norm)
-    l_new, logits, g_new = _apgd_loss_grad(predict, variables, x_new, y, target, loss)
+    l_new, logits, g_new = _loss_and_grad(predict, variables, x_new, y, target, loss)
 
     hit = (jnp.argmax(logits, -1) != y) & ~fooled   # keep the first misclassified point
     x_out = where(hit, x_new, x_out)
@@ -440,10 +433,9 @@ def apgd(predict, variables, x, y, key, eps, *, steps, norm="linf", loss="ce", t
     """
     x = jnp.asarray(x, jnp.float32)
     is_check, window = (jnp.asarray(t) for t in _checkpoint_tables(steps))
-    kw = dict(predict=predict, norm=norm, loss=loss)
     target, init = _apgd_init(predict, variables, x, y, key, eps, target_rank, norm=norm, loss=loss)
-    s = _iterate(functools.partial(_apgd_step_jit, **kw), functools.partial(_apgd_fori, **kw),
-                 0, steps, init, variables, x, y, target, eps, is_check, window)
+    s = _iterate(_apgd_step_jit, _apgd_fori, 0, steps, init, variables, x, y, target, eps, is_check, window,
+                 predict=predict, norm=norm, loss=loss)
     x_best, x_out, fooled = s[4], s[11], s[12]
     return _apgd_where(fooled, x_out, x_best)
 

@@ -38,9 +38,9 @@ def _setup(width, class_index):
 
     import models
     import ntk
-    from bench_attacks import random_params
+    from common import random_variables
     init, apply = models.get_model("resnet18", 10, width)
-    params, state = random_params(init, (1, 32, 32, 3))
+    params, state = random_variables(init, (1, 32, 32, 3))
     f = ntk.NetFn(apply, state)
 
     def logit(p, x):  # the class logit as a scalar-per-image function [b]
@@ -89,7 +89,7 @@ def child(args):
     import numpy as np
 
     import ntk
-    from bench_attacks import machine
+    from common import machine
     f, logit, params, jnp = _setup(args.width, args.class_index)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(args.n, 32, 32, 3)).astype(np.float32))
     if args.side == "engine":

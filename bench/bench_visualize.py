@@ -30,51 +30,14 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def machine():
-    import jax
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind), "jax": jax.__version__}
-
-
-def random_variables(init, input_shape, seed=0):
-    """Params N(0, 2/fan_in) for weights (logits included), BN scale 1 / offset 0; BN state
-    mean 0, variance 1. Drawn with numpy from eval_shape's trees (Haiku's eager init of
-    ResNet-18 is slow on CPU)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    rng = np.random.default_rng(seed)
-    shapes, state_shapes = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
-                                          jnp.zeros(input_shape, jnp.float32))
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        if "offset" in name or name.endswith("['b']"):
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        return jnp.asarray(rng.normal(size=leaf.shape) * np.sqrt(2 / np.prod(leaf.shape[:-1])), leaf.dtype)
-
-    def stat(path, leaf):
-        name = jax.tree_util.keystr(path)
-        return jnp.ones(leaf.shape, leaf.dtype) if ("var" in name or "counter" in name) else \
-            jnp.zeros(leaf.shape, leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes), jax.tree_util.tree_map_with_path(stat, state_shapes)
+from common import machine, random_variables  # noqa: E402
 
 
 def two_pass_ascend(f, class_index):
