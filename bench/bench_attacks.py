@@ -112,5 +112,6 @@ def main(argv=None):
             print(json.dumps({"bench": "fori_over_host", "attack": n, **config, "machine": info,
                               "ratio_of_medians": round(med[n, "fori"] / med[n, "host"], 3)}), flush=True)
 
+
 if __name__ == "__main__":
     main()

@@ -154,7 +154,6 @@ def run(args):
     cfg = {"model": "resnet18", "width": args.width, "num_classes": 10, "batch_size": B,
            "input_shape": [32, 32, 3], "data": source}
 
-    std_rec = None
     for name, dynamics, is_training in (("train_standard", "standard", True),
                                         ("train_linear", "linear", False)):
         if name not in only and not (name == "train_standard" and "data_feeding" in only):
@@ -175,9 +174,9 @@ def run(args):
                  "step_gflop_xla_cost_analysis": flops / 1e9, "achieved_gflops_per_s": gflops}
         if peak:
             extra["fraction_of_matmul_peak"] = gflops / peak
-        rec = emit(name, dict(cfg, dynamics=dynamics, bn_training=is_training), walls, cpus, warm, **extra)
+        emit(name, dict(cfg, dynamics=dynamics, bn_training=is_training), walls, cpus, warm, **extra)
         if name == "train_standard":
-            std_rec, std_step = rec, step
+            std_step = step
 
     if "pgd20" in only:
         P = args.pgd_batch_size

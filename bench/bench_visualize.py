@@ -27,7 +27,6 @@ uniform-noise images: the cost of a step does not depend on them.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
