@@ -40,6 +40,7 @@ import time
 
 import numpy as np
 
+import cli
 import utils
 from utils import UserError
 
@@ -50,21 +51,13 @@ MASS_KS = (10, 20)
 # ======================================================================================
 # Arguments
 # ======================================================================================
-def _add_common(p, n_flag_default=None):
-    p.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "digits"),
-                   help="dataset (default: the checkpoint's)")
-    p.add_argument("--data_dir", default="./data", help="where the CIFAR files live (digits needs none)")
-    p.add_argument("--model", default=None, choices=("resnet18", "mlp_skinny", "mlp_wide", "linear"),
-                   help="model, for checkpoints without meta (default: the checkpoint's)")
-    p.add_argument("--width", type=int, default=None,
-                   help="ResNet width, for checkpoints without meta (default: the checkpoint's, else 64)")
-    p.add_argument("--class_index", type=int, default=-1,
-                   help="which logit's NTK: c gives <grad f_c(x), grad f_c(x')>; -1 the mean over the "
-                        "logits of the per-class kernels (calculate_kernel.py's convention)")
+def _add_common(p):
+    cli.add_network_args(p)
+    cli.add_class_index(p)
     p.add_argument("--random_seed", type=int, default=0, help="seed of the image subsets and attack noise")
-    p.add_argument("--memory_gb", type=float, default=4.0, help="memory budget of ntk.empirical_ntk's blocks")
+    cli.add_memory_gb(p)
     p.add_argument("--out_dir", default=None, help="directory for the outputs (created)")
-    p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    cli.add_no_progress(p)
 
 
 def _add_predictor(p):
@@ -154,52 +147,14 @@ def list_checkpoints(run_dir):
     return sorted(found)
 
 
-class Network:
-    """A checkpoint's model: `apply`, the checkpoint with jnp leaves and its resolved meta."""
-
-    def __init__(self, path, args):
-        import jax
-        import jax.numpy as jnp
-
-        import data
-        import models
-        if not os.path.isfile(path):
-            raise UserError(f"checkpoint {path} does not exist")
-        ckpt = utils.load_checkpoint(path)
-        meta = ckpt["meta"]
-        utils.check_meta(meta, path, model=args.model, width=args.width, dataset=args.dataset)
-        self.path = path
-        self.model = meta.get("model") or args.model or "resnet18"
-        self.width = int(meta.get("width") or args.width or 64)
-        self.dataset = meta.get("dataset") or args.dataset or "cifar10"
-        self.num_classes = int(meta.get("num_classes") or data.num_classes_of(self.dataset))
-        self.input_shape = tuple(meta.get("input_shape") or data.INPUT_SHAPES[self.dataset])
-        self.epoch = meta.get("epoch")
-        init, self.apply = models.get_model(self.model, self.num_classes, self.width)
-        params0, state0 = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
-                                         jnp.zeros((1,) + self.input_shape, jnp.float32))
-        for key, ref in (("params", params0), ("lin_params", params0), ("net_state", state0)):
-            utils.check_tree(ref, ckpt[key], f"{path} ['{key}']")
-            ckpt[key] = jax.tree_util.tree_map(lambda r, a: jnp.asarray(a, dtype=r.dtype), ref, ckpt[key])
-        self.ckpt = ckpt
-
-    def describe(self):
-        return {"model_path": self.path, "model": self.model, "width": self.width, "dataset": self.dataset,
-                "num_classes": self.num_classes, "epoch": self.epoch}
-
-    def kernel_fn(self, use_linear_params=False):
-        """(f, params) of ntk.checkpoint_fn."""
-        import ntk
-        return ntk.checkpoint_fn(self.ckpt, self.apply, use_linear_params=use_linear_params)
+def open_network(path, args):
+    """The checkpoint at `path` as a checkpoints.Network, with the flags' model/width/dataset."""
+    import checkpoints
+    return checkpoints.open_network(path, model=args.model, width=args.width, dataset=args.dataset)
 
 
 def _class_index(args):
     return None if args.class_index == -1 else args.class_index
-
-
-def _check_class_index(args, num_classes):
-    if not -1 <= args.class_index < num_classes:
-        raise UserError(f"--class_index must be -1 or in [0, {num_classes - 1}] (got {args.class_index})")
 
 
 def _load_data(name, data_dir, input_shape):
@@ -234,8 +189,7 @@ def _save_fig(fig, path):
 # ======================================================================================
 def _cache_path(cache_dir, label, epoch, class_index, n):
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-    name = f"kernel_epoch_{epoch:g}_class_{class_index}_{n}.pkl" if class_index != -1 else f"kernel_epoch_{epoch:g}_{n}.pkl"
-    return os.path.join(cache_dir, safe, name)
+    return os.path.join(cache_dir, safe, f"kernel_epoch_{epoch:g}{cli.class_suffix(class_index, n)}.pkl")
 
 
 def _cached_kernel(path, model_path, indices, class_index, dataset):
@@ -267,7 +221,7 @@ def _run_kernels_from_checkpoints(args, label, run_dir, cache_dir, subset, bar):
         cache = _cache_path(cache_dir, label, epoch, args.class_index, len(indices))
         k = _cached_kernel(cache, path, indices, args.class_index, dataset)
         if k is None:
-            net = Network(path, args)
+            net = open_network(path, args)
             f, params = net.kernel_fn()
             t0 = time.time()
             k = np.asarray(ntk.empirical_ntk(f, params, jnp.asarray(x_sub), class_index=_class_index(args),
@@ -435,8 +389,8 @@ def run_dynamics(args):
     if args.runs is not None:
         import data
         ckpt_lists = [list_checkpoints(r) for r in args.runs]  # every run checked before any work
-        first = Network(ckpt_lists[0][0][1], args)
-        _check_class_index(args, first.num_classes)
+        first = open_network(ckpt_lists[0][0][1], args)
+        cli.check_class_index(args.class_index, first.num_classes, first.dataset)
         if args.dataset_size <= 0 or args.dataset_size % first.num_classes:
             raise UserError(f"--dataset_size must be a positive multiple of the class count "
                             f"{first.num_classes} (got {args.dataset_size})")
@@ -514,8 +468,8 @@ class PredictorSetup:
                 raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
         if args.eps < 0 or args.ridge < 0:
             raise UserError("--eps and --ridge must be >= 0")
-        self.net = net = Network(args.model_path, args)
-        _check_class_index(args, net.num_classes)
+        self.net = net = open_network(args.model_path, args)
+        cli.check_class_index(args.class_index, net.num_classes, net.dataset)
         classes = list(range(net.num_classes)) if args.classes is None else sorted(set(args.classes))
         if len(classes) < 2 or any(not 0 <= c < net.num_classes for c in classes):
             raise UserError(f"--classes needs at least 2 distinct classes in [0, {net.num_classes - 1}] (got {args.classes})")
@@ -560,7 +514,7 @@ class PredictorSetup:
     def attack(self, args, weights, method, key):
         import kernel_analysis as ka
         return ka.attack_kernel_predictor(self.logits_fn, weights, self.x_test, self.y_test, method=method,
-                                          eps=args.eps / 255, steps=1 if method == "fgsm" else args.steps,
+                                          eps=cli.eps_from_255(args.eps), steps=1 if method == "fgsm" else args.steps,
                                           key=key, batch_size=args.batch_size)
 
     def describe(self, args):
@@ -625,7 +579,7 @@ def run_features(args):
                   "acc_feature_attacked": acc_feat_adv[j], "corr_feature_attacked": corr_feat_adv[j],
                   "acc_full_on_feature_attack": acc_full_on_feat_adv[j]} for j, i in enumerate(idx)]
     summary = {"command": "features", "config": utils.run_config(args), **s.describe(args),
-               "eps_255": args.eps, "eps": args.eps / 255, "attack": f"L-inf PGD-{args.steps}, step 2eps/steps, "
+               "eps_255": args.eps, "eps": cli.eps_from_255(args.eps), "attack": f"L-inf PGD-{args.steps}, step 2eps/steps, "
                "cross-entropy on the attacked feature's outputs", "chance": 1 / c,
                "full_predictor": {"acc_clean": full_clean, "acc_robust": full_robust},
                "max_abs_sum_of_features_minus_predictor": sum_error,
@@ -687,7 +641,6 @@ def _features_figure(summary, path):
 def run_attack(args):
     import jax
 
-    import kernel_analysis as ka
     out_dir = _default_out_dir(args)
     utils.check_writable_dir(out_dir, "--out_dir")
     s = PredictorSetup(args)
@@ -707,14 +660,14 @@ def run_attack(args):
     command = (f"python eval_and_make_adv.py --model_path {args.model_path} --test_path {adv_path} --no_adv "
                f"--save_name transfer_{args.save_name}")
     summary = {"command": "attack", "config": utils.run_config(args), **s.describe(args),
-               "method": args.method, "eps_255": args.eps, "eps": args.eps / 255,
+               "method": args.method, "eps_255": args.eps, "eps": cli.eps_from_255(args.eps),
                "steps": 1 if args.method == "fgsm" else args.steps,
-               "step_size": args.eps / 255 if args.method == "fgsm" else 2 * args.eps / 255 / args.steps,
+               "step_size": cli.eps_from_255(args.eps) * (1 if args.method == "fgsm" else 2 / args.steps),
                "kernel_predictor": {"acc_clean": acc_clean, "acc_robust": acc_robust},
                "max_linf_perturbation": linf, "attack_seconds": round(attack_seconds, 2),
                "files": {"adv_examples": adv_path, "clean_examples": clean_path}, "transfer_command": command}
     if not args.no_transfer:
-        summary["network_transfer"] = _transfer(args, clean_path, adv_path, out_dir)
+        summary["network_transfer"] = _transfer(s, x_adv)
     json_path = os.path.join(out_dir, f"ntk_attack_{args.save_name}.json")
     utils.atomic_json(json_path, summary)
     print(f"kernel predictor on {len(labels)} test images: clean {acc_clean:.3f}, "
@@ -728,22 +681,21 @@ def run_attack(args):
     return summary
 
 
-def _transfer(args, clean_path, adv_path, out_dir):
-    """The checkpoint's network on the clean and on the NTK-attacked images, through
-    eval_and_make_adv.run (standard dynamics, no attack of its own)."""
-    import io
-    import contextlib
+def _transfer(s, x_adv):
+    """The checkpoint's network (standard dynamics, 'params') on the clean test images and on
+    their NTK-attacked versions, through attacks.evaluate without an attack of its own."""
+    import jax.numpy as jnp
 
-    import eval_and_make_adv
-    accs = {}
-    for name, path in (("clean", clean_path), ("adv", adv_path)):
-        ev_args = eval_and_make_adv.build_parser().parse_args(
-            ["--model_path", args.model_path, "--test_path", path, "--no_adv", "--bonus_dir", os.path.abspath(out_dir),
-             "--save_name", f"transfer_{args.save_name}_{name}"])
-        with contextlib.redirect_stdout(io.StringIO()):
-            accs[name] = eval_and_make_adv.run(ev_args)["acc_clean"]
+    import attacks
+    labels = s.classes[s.y_test]  # the network's own labels, not the task's 0..C'-1
+    theta, theta0 = s.net.parameters("standard")
+    predict = attacks.make_predict(s.net.apply, "standard")
+    variables = (theta, theta0, s.net.ckpt["net_state"])
+    accs = {name: attacks.evaluate(predict, variables, x, labels, attack=None)["acc_clean"]
+            for name, x in (("clean", s.x_test), ("adv", jnp.asarray(x_adv)))}
     return {"acc_clean": accs["clean"], "acc_on_ntk_examples": accs["adv"],
-            "evaluated_with": "eval_and_make_adv.py --test_path ... --no_adv (standard dynamics, 'params')"}
+            "evaluated_with": "attacks.evaluate without attack (standard dynamics, 'params'), as "
+                              "eval_and_make_adv.py --test_path ... --no_adv"}
 
 
 # ======================================================================================

@@ -39,11 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import parallel
+from cli import ATTACKS, L2_EPS, L2_STEP_SIZE, NORMS
 from models import dynamics_apply
 
-ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "ensemble")
 ENSEMBLE = ("pgd", "apgd-ce", "apgd-dlr")   # the order the ensemble runs its members in
-NORMS = ("linf", "l2")
 APGD_MOMENTUM = 0.75   # alpha of Croce & Hein (2020), eq. (2)
 APGD_RHO = 0.75        # rho of condition 1: fraction of steps that must raise the loss
 ZERO_GRAD_WARN_FRACTION = 0.01  # warn about gradient masking above this fraction of inputs
@@ -119,27 +118,9 @@ def linf_config(eps, steps, **kw):
     return AttackConfig(norm="linf", eps=eps, step_size=2 * eps / steps, steps=steps, **kw)
 
 
-def l2_config(steps, eps=0.25, step_size=0.01, **kw):
+def l2_config(steps, eps=L2_EPS, step_size=L2_STEP_SIZE, **kw):
     """The reference's L2 PGD: eps 0.25, step 0.01."""
     return AttackConfig(norm="l2", eps=eps, step_size=step_size, steps=steps, **kw)
-
-
-def add_attack_args(parser):
-    """Add the evaluation-attack options shared by run_exp.py and eval_and_make_adv.py:
-    --attack, --restarts, --n_target_classes."""
-    parser.add_argument("--attack", default="pgd", choices=ATTACKS,
-                        help="evaluation attack: 'pgd' (the reference's PGD on cross-entropy, fixed "
-                             "step), 'apgd-ce' (Auto-PGD on cross-entropy, Croce & Hein 2020), "
-                             "'apgd-dlr' (Auto-PGD on the targeted DLR loss, one run per target class), "
-                             "'ensemble' (pgd, apgd-ce, then apgd-dlr; robust only if an example "
-                             "survives all, with a per-attack breakdown).")
-    parser.add_argument("--restarts", type=int, default=1,
-                        help="random restarts of each attack (per target class for apgd-dlr); an "
-                             "example counts as robust only if it survives every restart.")
-    parser.add_argument("--n_target_classes", type=int, default=9,
-                        help="target classes of apgd-dlr: the top-k other classes of the clean logits "
-                             "(capped at the number of classes - 1).")
-    return parser
 
 
 def attack_from_args(args, norm, eps, steps, step_size=None):
@@ -147,7 +128,7 @@ def attack_from_args(args, norm, eps, steps, step_size=None):
     defaults). eps and step_size in pixel units; step_size None means the reference's:
     2*eps/steps for L-inf, 0.01 for L2."""
     if step_size is None:
-        step_size = 2 * eps / steps if norm == "linf" else 0.01
+        step_size = 2 * eps / steps if norm == "linf" else L2_STEP_SIZE
     return AttackConfig(norm=norm, eps=float(eps), step_size=float(step_size), steps=int(steps),
                         name=getattr(args, "attack", "pgd") or "pgd",
                         restarts=int(getattr(args, "restarts", 1) or 1),

@@ -24,26 +24,29 @@ Example (the reference README's example 5):
 """
 from __future__ import annotations
 
-import argparse
-import os
 import time
 
 import numpy as np
 
+import cli
 from utils import UserError
 
 # Pixel values may carry float rounding from the attack's own arithmetic.
 RANGE_TOLERANCE = 1e-5
 
 
+EXAMPLES = [
+    "python eval_and_make_adv.py --model_path runs/phase2_centered/parameters_final.pkl --linear --centering "
+    "--save_examples --bonus_dir test_results",
+    "python eval_and_make_adv.py --model_path runs/phase1_CC/parameters_final.pkl --test_path "
+    "runs/phase1_AC/test_results/adv_examples_test_results.pkl --no_adv --save_name transfer",
+]
+
+
 def build_parser():
-    import attacks
-    import data
-    import models
-    p = argparse.ArgumentParser(
-        description="Clean and adversarial accuracy of a checkpoint (the reference's L-inf PGD-100 by "
-                    "default), with the f/df output components, and optionally the adversarial examples.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("Clean and adversarial accuracy of a checkpoint (the reference's L-inf PGD-100 by "
+                   "default), with the f/df output components, and optionally the adversarial examples.",
+                   EXAMPLES)
     p.add_argument("--model_path", required=True, help="checkpoint to evaluate (parameters_*.pkl)")
     p.add_argument("--save_name", default="test_results",
                    help="name used in the output files test_results_{save_name}.pkl/.json and "
@@ -67,29 +70,22 @@ def build_parser():
                         "(the clean images under --no_adv)")
     p.add_argument("--short", action="store_true", help="evaluate the first 10 batches only")
     p.add_argument("--random_seed", type=int, default=0, help="seed of the attacks' random starts")
-    p.add_argument("--dataset", default=None, choices=data.DATASETS,
-                   help="dataset (default: the checkpoint's, else cifar10); contradicting the "
-                        "checkpoint is an error")
-    p.add_argument("--model", default=None, choices=models.MODELS,
-                   help="model (default: the checkpoint's, else resnet18); contradicting the "
-                        "checkpoint is an error")
+    cli.add_network_args(p)
     p.add_argument("--eps", type=float, default=4.0, help="L-inf radius in 1/255 units")
     # Beyond the reference
-    p.add_argument("--data_dir", default="./data", help="where the dataset lives (torchvision layout)")
-    p.add_argument("--width", type=int, default=None,
-                   help="ResNet width (default: the checkpoint's, else 64)")
     p.add_argument("--test_size", type=int, default=None,
                    help="evaluate the first N test images only (default: all)")
-    p.add_argument("--norm", default="linf", choices=attacks.NORMS,
+    p.add_argument("--norm", default="linf", choices=cli.NORMS,
                    help="threat model: 'linf' (radius --eps/255) or 'l2' (radius --l2_eps)")
-    p.add_argument("--l2_eps", type=float, default=0.25,
+    p.add_argument("--l2_eps", type=float, default=cli.L2_EPS,
                    help="L2 radius in pixel units, with --norm l2 (the reference's run_exp.py uses 0.25)")
     p.add_argument("--pgd_steps", type=int, default=100, help="iterations of each attack run")
     p.add_argument("--step_size", type=float, default=None,
                    help="PGD's fixed step in pixel units (default: 2*eps/steps for L-inf, 0.01 for L2); "
                         "APGD starts at 2*eps and adapts")
     p.add_argument("--batch_size", type=int, default=100, help="test batch size")
-    attacks.add_attack_args(p)
+    cli.add_attack_args(p)
+    cli.add_no_progress(p)
     return p
 
 
@@ -110,10 +106,8 @@ def _check_args(args):
 
 def load_test_pickle(path, input_shape, num_classes):
     """Read and check a --test_path pickle. Returns (images NHWC float32, labels int32)."""
-    from utils import restricted_load
-    obj = restricted_load(path)
-    if isinstance(obj, dict):
-        obj = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    from utils import decode_keys, restricted_load
+    obj = decode_keys(restricted_load(path))
     if not isinstance(obj, dict) or "images" not in obj or "labels" not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise UserError(f"--test_path {path} must hold a dict with 'images' and 'labels'; found {keys}")
@@ -151,141 +145,122 @@ def load_test_pickle(path, input_shape, num_classes):
     return images.transpose(0, 2, 3, 1), labels.astype(np.int32)
 
 
-def select_parameters(ckpt, dynamics):
-    """(theta, theta0, which, notes): the parameters evaluated under `dynamics`.
-
-    Linearized/centered dynamics expand around theta0 = 'params' towards theta = 'lin_params'
-    (the phase-2 layout). Standard dynamics evaluate 'params' (the reference's behaviour, right
-    for phase-1 and reference files), except for a phase-2 checkpoint trained with standard
-    dynamics, whose trained parameters are 'lin_params'."""
-    meta = ckpt["meta"]
-    trained = meta.get("dynamics")
+def parameter_notes(meta, dynamics):
+    """Warnings for an evaluation that may not be what the user meant."""
     notes = []
-    if dynamics in ("linear", "centered"):
-        theta, theta0, which = ckpt["lin_params"], ckpt["params"], "theta=lin_params, theta0=params"
-        if meta.get("phase") == 1:
-            notes.append("this is a phase-1 checkpoint: --linear expands around the trained 'params' "
-                         "towards 'lin_params' (its initial copy)")
-    elif meta.get("phase") == 2 and trained in ("standard", "standard_centered"):
-        theta, theta0, which = ckpt["lin_params"], ckpt["params"], "theta=lin_params, theta0=params"
-    else:
-        theta, theta0, which = ckpt["params"], ckpt["lin_params"], "theta=params"
-        if dynamics == "standard_centered":
-            which = "theta=params, theta0=lin_params"
+    trained = meta.get("dynamics")
+    if dynamics in ("linear", "centered") and meta.get("phase") == 1 and meta.get("epoch") is not None:
+        notes.append("this is a phase-1 checkpoint: --linear expands around the trained 'params' "
+                     "towards 'lin_params' (the initial parameters in a constant save, the same "
+                     "parameters in a final one)")
     if trained is not None and trained != dynamics:
         notes.append(f"the checkpoint was trained with {trained} dynamics but is evaluated with {dynamics} "
                      f"(check --linear/--centering)")
-    return theta, theta0, which, notes
+    return notes
+
+
+def load_images(args, net):
+    """The images to evaluate: (x NHWC, y, description, number available before --test_size/--short)."""
+    import data
+    if args.test_path is not None:
+        x, y = load_test_pickle(args.test_path, net.input_shape, net.num_classes)
+        source = args.test_path
+    else:
+        ds = data.load_dataset(net.dataset, args.data_dir)
+        if tuple(ds.input_shape) != net.input_shape:
+            raise UserError(f"{net.dataset} images are {ds.input_shape} but {net.path} was made for {net.input_shape}")
+        x, y, source = ds.x_test, ds.y_test, f"{net.dataset} test split"
+    limit = len(x)
+    if args.test_size is not None:
+        limit = min(limit, args.test_size)
+    if args.short:
+        limit = min(limit, 10 * args.batch_size)
+    return x[:limit], y[:limit], source, len(x)
+
+
+def attack_config(args):
+    """The AttackConfig of the flags, or None under --no_adv."""
+    import attacks
+    if args.no_adv:
+        return None
+    eps = cli.eps_from_255(args.eps) if args.norm == "linf" else args.l2_eps
+    return attacks.attack_from_args(args, args.norm, eps, args.pgd_steps, args.step_size)
+
+
+def evaluate(args, net, dynamics, x, y, cfg):
+    """attacks.evaluate on the network's `dynamics`; under --no_adv the robust fields repeat the
+    clean ones and the 'adversarial' images are the clean ones."""
+    import jax
+    from tqdm import tqdm
+
+    import attacks
+    what = "clean only" if cfg is None else f"{cfg.name} {cfg.norm} eps={cfg.eps:.5g} steps={cfg.steps} restarts={cfg.restarts}"
+    theta, theta0 = net.parameters(dynamics)
+    with tqdm(total=len(x), desc=f"eval {what}", unit="img", disable=args.no_progress or None) as bar:
+        res = attacks.evaluate(attacks.make_predict(net.apply, dynamics), (theta, theta0, net.ckpt["net_state"]),
+                               x, y, batch_size=args.batch_size, attack=cfg, key=jax.random.PRNGKey(args.random_seed),
+                               keep_examples=args.save_examples and cfg is not None, progress=bar,
+                               components=attacks.make_components(net.apply, dynamics))
+    if cfg is None:
+        res["acc_adv"], res["correct_adv"] = res["acc_clean"], res["correct_clean"]
+        res["predictions_adv"], res["components_adv"] = res["predictions_clean"], res["components_clean"]
+        res["x_adv"] = np.asarray(x, np.float32)
+    return res
+
+
+def summarize(args, net, dynamics, cfg, res, source, n_available, notes, files, seconds):
+    """The JSON summary of one evaluation."""
+    import checkpoints
+    import utils
+    attack = {} if cfg is None else {"attack": cfg.name, "norm": cfg.norm, "eps": cfg.eps,
+                                     "eps_255": args.eps if cfg.norm == "linf" else None, "steps": cfg.steps,
+                                     "step_size": cfg.step_size, "restarts": cfg.restarts}
+    return {
+        "model_path": net.path, "model": net.model, "width": net.width, "num_classes": net.num_classes,
+        "dataset": net.dataset, "images": source, "n_images": res["n"], "n_available": n_available,
+        "dynamics": dynamics, "parameters": checkpoints.describe_parameters(dynamics),
+        **{k: attack.get(k) for k in ("attack", "norm", "eps", "eps_255", "steps", "step_size", "restarts")},
+        "attack_config": res.get("attack"),
+        "acc_clean": res["acc_clean"], "acc_robust": None if cfg is None else res["acc_adv"],
+        "correct_clean": res["correct_clean"], "correct_robust": None if cfg is None else res["correct_adv"],
+        "per_attack": res.get("attacks", {}), "zero_grad_inputs": res["zero_grad_count"],
+        "warnings": res["warnings"],
+        "notes": notes + (["--no_adv: no attack was run; robust = clean"] if cfg is None else []),
+        "random_seed": args.random_seed, "seconds": round(seconds, 2), "git": utils.git_hash(), "files": files,
+    }
 
 
 # --------------------------------------------------------------------------------------
 def run(args):
     """Evaluate `args.model_path`; write the outputs; return the summary dict."""
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
-
-    import attacks
-    import data
-    import models
+    import checkpoints
     import utils
 
     _check_args(args)
-    ckpt = utils.load_checkpoint(args.model_path)
-    meta = ckpt["meta"]
-    path = args.model_path
-    model = utils.resolve_setting(meta, "model", args.model, "resnet18", path)
-    width = utils.resolve_setting(meta, "width", args.width, 64, path)
-    dataset = utils.resolve_setting(meta, "dataset", args.dataset, "cifar10", path)
-    num_classes = int(meta.get("num_classes") or data.num_classes_of(dataset))
-    input_shape = tuple(meta.get("input_shape") or data.INPUT_SHAPES[dataset])
-    if model not in models.MODELS:
-        raise UserError(f"{path} names an unknown model {model!r}")
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(path)), args.bonus_dir)
+    net = checkpoints.open_network(args.model_path, model=args.model, width=args.width, dataset=args.dataset)
+    out_dir = cli.output_dir(args.model_path, args.bonus_dir)
+    x, y, source, n_available = load_images(args, net)  # every input is checked before any output
     utils.check_writable_dir(out_dir, "--bonus_dir")
-
-    # Data: every check happens before any computation.
-    if args.test_path is not None:
-        x, y = load_test_pickle(args.test_path, input_shape, num_classes)
-        source = args.test_path
-    else:
-        ds = data.load_dataset(dataset, args.data_dir)
-        if tuple(ds.input_shape) != input_shape:
-            raise UserError(f"{dataset} images are {ds.input_shape} but {path} was made for {input_shape}")
-        x, y = ds.x_test, ds.y_test
-        source = f"{dataset} test split"
-    n_total = len(x)
-    limit = n_total
-    if args.test_size is not None:
-        limit = min(limit, args.test_size)
-    if args.short:
-        limit = min(limit, 10 * args.batch_size)
-    x, y = x[:limit], y[:limit]
-
-    dynamics = models.dynamics_name(args.linear, args.centering)
-    init, apply = models.get_model(model, num_classes, width)
-    # Shapes only: compiling the initializers of a ResNet takes ~20 s on CPU for nothing.
-    params0, state0 = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
-                                     jnp.zeros((1,) + input_shape, jnp.float32))
-    for key, ref in (("params", params0), ("lin_params", params0), ("net_state", state0)):
-        utils.check_tree(ref, ckpt[key], f"{path} ['{key}']")
-        ckpt[key] = jax.tree_util.tree_map(lambda r, a: jnp.asarray(a, dtype=r.dtype), ref, ckpt[key])
-    theta, theta0, which, notes = select_parameters(ckpt, dynamics)
-    variables = (theta, theta0, ckpt["net_state"])
-
-    cfg = None
-    if not args.no_adv:
-        eps = args.eps / 255 if args.norm == "linf" else args.l2_eps
-        cfg = attacks.attack_from_args(args, args.norm, eps, args.pgd_steps, args.step_size)
-
+    dynamics = cli.dynamics_name(args.linear, args.centering)
+    cfg = attack_config(args)
+    notes = parameter_notes(net.meta, dynamics)
     for note in notes:
         print(f"note: {note}")
-    what = "clean only" if cfg is None else f"{cfg.name} {cfg.norm} eps={cfg.eps:.5g} steps={cfg.steps} restarts={cfg.restarts}"
+
     t0 = time.time()
-    with tqdm(total=len(x), desc=f"eval {what}", unit="img") as bar:
-        res = attacks.evaluate(attacks.make_predict(apply, dynamics), variables, x, y,
-                               batch_size=args.batch_size, attack=cfg,
-                               key=jax.random.PRNGKey(args.random_seed),
-                               keep_examples=args.save_examples and cfg is not None, progress=bar,
-                               components=attacks.make_components(apply, dynamics))
-    seconds = time.time() - t0
-
-    if cfg is None:
-        res["acc_adv"], res["correct_adv"] = res["acc_clean"], res["correct_clean"]
-        res["predictions_adv"], res["components_adv"] = res["predictions_clean"], res["components_clean"]
-        res["x_adv"] = np.asarray(x, np.float32)
-
-    results = {"acc_clean": res["acc_clean"], "acc_dirty": res["acc_adv"],
-               "predictions_clean": res["predictions_clean"], "predictions_dirty": res["predictions_adv"],
-               "components_clean": res["components_clean"], "components_dirty": res["components_adv"],
-               "labels": np.asarray(y)}
-    stem = f"test_results_{args.save_name}"
-    files = [os.path.join(out_dir, stem + ".pkl"), os.path.join(out_dir, stem + ".json")]
+    res = evaluate(args, net, dynamics, x, y, cfg)
+    paths = cli.eval_files(out_dir, args.save_name)
+    files = [paths["results"], paths["summary"]] + ([paths["examples"]] if args.save_examples else [])
+    summary = summarize(args, net, dynamics, cfg, res, source, n_available, notes, files, time.time() - t0)
+    utils.atomic_pickle(paths["results"], {
+        "acc_clean": res["acc_clean"], "acc_dirty": res["acc_adv"],
+        "predictions_clean": res["predictions_clean"], "predictions_dirty": res["predictions_adv"],
+        "components_clean": res["components_clean"], "components_dirty": res["components_adv"],
+        "labels": np.asarray(y)})
     if args.save_examples:
-        files.append(os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl"))
-    summary = {
-        "model_path": path, "model": model, "width": width, "num_classes": num_classes,
-        "dataset": dataset, "images": source, "n_images": len(x), "n_available": n_total,
-        "dynamics": dynamics, "parameters": which,
-        "attack": None if cfg is None else cfg.name, "norm": None if cfg is None else cfg.norm,
-        "eps": None if cfg is None else cfg.eps,
-        "eps_255": None if cfg is None or cfg.norm != "linf" else args.eps,
-        "steps": None if cfg is None else cfg.steps, "step_size": None if cfg is None else cfg.step_size,
-        "restarts": None if cfg is None else cfg.restarts, "attack_config": res.get("attack"),
-        "acc_clean": res["acc_clean"], "acc_robust": None if cfg is None else res["acc_adv"],
-        "correct_clean": res["correct_clean"], "correct_robust": None if cfg is None else res["correct_adv"],
-        "per_attack": res.get("attacks", {}),
-        "zero_grad_inputs": res["zero_grad_count"],
-        "warnings": res["warnings"], "notes": notes + (["--no_adv: no attack was run; robust = clean"]
-                                                       if cfg is None else []),
-        "random_seed": args.random_seed, "seconds": round(seconds, 2),
-        "git": utils.git_hash(), "files": files,
-    }
-    utils.atomic_pickle(files[0], results)
-    if args.save_examples:
-        utils.atomic_pickle(files[2], {"images": np.ascontiguousarray(res["x_adv"].transpose(0, 3, 1, 2)),
-                                       "labels": np.asarray(y)})
-    utils.atomic_json(files[1], summary)
+        utils.atomic_pickle(paths["examples"], {"images": np.ascontiguousarray(res["x_adv"].transpose(0, 3, 1, 2)),
+                                                "labels": np.asarray(y)})
+    utils.atomic_json(paths["summary"], summary)
 
     robust = "n/a (--no_adv)" if cfg is None else f"{res['acc_adv']:.4f}"
     print(f"{len(x)} images, dynamics={dynamics}: clean {res['acc_clean']:.4f}, robust {robust}")
@@ -299,9 +274,8 @@ def run(args):
 
 
 def main(argv=None):
-    import utils
-    args = build_parser().parse_args(argv)
-    return utils.run_main(run, args)
+    from utils import run_main
+    return run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -48,15 +48,18 @@ diagonal blocks are symmetrised.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import NamedTuple
 
+import haiku as hk
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 import parallel
-
-DEFAULT_MEMORY_GB = 4.0
-METHODS = ("auto", "direct", "structured", "jacobian")
+from cli import DEFAULT_MEMORY_GB, NTK_METHODS as METHODS
 # Examples per jitted gradient call: large enough for efficient batched matmuls, small enough
 # that the transient activations stay a fraction of the budget.
 MAX_CHUNK = 64
@@ -81,8 +84,6 @@ class NetFn:
 def checkpoint_fn(ckpt, apply, use_linear_params=False):
     """`(f, params)` for a loaded checkpoint: f = NetFn at its net_state (BatchNorm frozen) and
     params = its 'lin_params' (with use_linear_params) or 'params', as jax arrays."""
-    import jax
-    import jax.numpy as jnp
     to_jnp = lambda tree: jax.tree_util.tree_map(jnp.asarray, tree)  # noqa: E731
     params = ckpt["lin_params" if use_linear_params else "params"]
     return NetFn(apply, to_jnp(ckpt["net_state"])), to_jnp(params)
@@ -113,7 +114,6 @@ class Layer(NamedTuple):
 
 
 def _supported_module(module, params):
-    import haiku as hk
     name = module.module_name
     if name not in params or "w" not in params[name]:
         return False
@@ -128,9 +128,6 @@ def discover_layers(f, params, input_shape, k, method="auto"):
     """The conv/dense layers of `f` (a NetFn) that the structured path handles, with the
     direct/structured choice made per layer by cost. Layers called more than once, or of an
     unsupported kind, are left to the generic path (their leaves are differentiated directly)."""
-    import haiku as hk
-    import jax
-    import jax.numpy as jnp
     if method == "jacobian" or not isinstance(f, NetFn):
         return ()
     calls, unsupported = {}, set()
@@ -181,7 +178,6 @@ def _split(params, layers):
 
 def _patches(x, layer):
     """Input patches [b, S, p] of a batch of layer inputs x [b, *in_shape]."""
-    import jax
     b = x.shape[0]
     if layer.conv is None:
         return x.reshape(b, layer.positions, layer.fan_in)
@@ -202,9 +198,6 @@ def make_rows_fn(f, classes, layers):
     `blocks` holds, per structured layer, (patches [b, S, p], cotangents [b, S, k*o]).
     k = len(classes); the class axis is folded into the features, so a plain inner product of
     rows sums over the classes. Not jitted: callers jit it or differentiate through it."""
-    import haiku as hk
-    import jax
-    import jax.numpy as jnp
     classes = jnp.asarray(classes)
     k = len(classes)
 
@@ -263,8 +256,6 @@ def make_rows_fn(f, classes, layers):
 
 def gram(rows1, rows2):
     """Sum over classes of the gradient inner products of two sets of rows: [b1, b2] float32."""
-    import jax
-    import jax.numpy as jnp
     hi = jax.lax.Precision.HIGHEST
     (d1, blocks1), (d2, blocks2) = rows1, rows2
     k = 0.0
@@ -315,7 +306,6 @@ def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=D
     devices: the cap MAX_CHUNK applies per device, and the chunk is rounded up to a multiple
     of `devices` (so it may exceed the budget by at most devices - 1 examples). `memory_gb`
     stays the total over all devices."""
-    import jax
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if memory_gb <= 0:
@@ -357,9 +347,7 @@ def _jitted(f, classes, layers):
     """(rows(params, x), put, gram) jitted once per (network, classes, layers). A NetFn's
     BatchNorm state is an argument of the jitted rows function, so the checkpoints of one
     network (kernel motion across epochs) share one compilation."""
-    import functools
 
-    import jax
     net = isinstance(f, NetFn)
     key = (f.apply if net else f, classes, layers)
     hit = _JIT_CACHE.get(key)
@@ -379,8 +367,6 @@ def _jitted(f, classes, layers):
 
 
 def _num_classes(f, params, input_shape):
-    import jax
-    import jax.numpy as jnp
     out = jax.eval_shape(f, params, jax.ShapeDtypeStruct((1,) + tuple(input_shape), jnp.float32))
     return int(out.shape[-1])
 
@@ -406,9 +392,6 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     held blocks up to its own, so each pair is computed once. One panel (a large enough budget)
     computes every gradient once.
     """
-    import jax
-    import jax.numpy as jnp
-    from tqdm import tqdm
 
     t0 = time.time()
     x1 = np.asarray(x1, np.float32)
@@ -500,8 +483,6 @@ def ntk_cross(f, params, x, x_ref, class_index=None):
     """K(x, x_ref) [m, n] float32 as a traceable jax function, differentiable in x (for attacks
     on kernel predictors and eigen-features). Holds all m + n rows at once: meant for the
     moderate sizes of those analyses; use `empirical_ntk` for large kernels."""
-    import jax
-    import jax.numpy as jnp
     input_shape = tuple(x.shape[1:])
     num_classes = _num_classes(f, params, input_shape)
     classes = classes_of(class_index, num_classes)
@@ -514,7 +495,6 @@ def ntk_cross(f, params, x, x_ref, class_index=None):
 
 def flops_floor(params, n, k=1):
     """FLOPs of the plain Gram of n full Jacobian rows (upper triangle only): n(n+1)/2 * 2P*k."""
-    import jax
     p = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
     return n * (n + 1) / 2 * 2 * p * k
 

@@ -2,25 +2,29 @@
 linearized or centered dynamics. See README.md for the flags and the files written."""
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
 import numpy as np
 
+import cli
 from utils import UserError, run_main
 
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 RESUME_FILE = "resume.pkl"
 # Flags that may differ between an interrupted run and its --resume.
 RESUME_FREE_FLAGS = ("resume", "no_progress")
+EXAMPLES = [
+    "python run_exp.py --dataset digits --model resnet18 --width 8 --loaders AC --standard_epochs 20 "
+    "--linear_epochs 0 --eps 32 --constant_save --save_models --save_path runs/phase1_AC",
+    "python run_exp.py --base_model_path runs/phase1_AC/parameters_checkpoint_10.pkl --dataset digits "
+    "--linear_epochs 10 --centering --loaders CC --save_models --save_path runs/phase2_centered",
+]
 
 
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Train a network in phase 1 (standard dynamics) and phase 2 (linearized, "
-                    "centered or standard dynamics), clean or adversarial, and evaluate it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("Train a network in phase 1 (standard dynamics) and phase 2 (linearized, centered or "
+                   "standard dynamics), clean or adversarial, and evaluate it.", EXAMPLES)
     g = p.add_argument_group("phases")
     g.add_argument("--standard_epochs", type=int, default=100, help="phase-1 epochs (standard dynamics)")
     g.add_argument("--linear_epochs", type=int, default=100, help="phase-2 epochs")
@@ -45,14 +49,7 @@ def build_parser():
     g.add_argument("--loose_bn_second", action="store_true",
                    help="phase 2 BatchNorm uses batch statistics instead of frozen running averages")
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "cifar100", "digits"),
-                   help="dataset; digits is scikit-learn's bundled 8x8 set and needs no download")
-    g.add_argument("--data_dir", default="./data", help="directory holding (or receiving) the CIFAR files")
-    g.add_argument("--model", default=None, choices=("resnet18", "mlp_skinny", "mlp_wide", "linear"),
-                   help="network (default resnet18, or the --base_model_path checkpoint's)")
-    g.add_argument("--width", type=int, default=None,
-                   help="ResNet channel width w: groups have w, 2w, 4w, 8w channels "
-                        "(default 64, or the checkpoint's)")
+    cli.add_network_args(g, dataset_default="cifar10")
     g.add_argument("--train_size", type=int, default=None,
                    help="train on a seeded class-balanced subset of this many images")
     g.add_argument("--test_size", type=int, default=None,
@@ -63,7 +60,7 @@ def build_parser():
     g.add_argument("--skip_second_test", action="store_true", help="skip the evaluation after phase 2")
     g.add_argument("--pgd_eval_steps", type=int, default=100,
                    help="steps of the L-inf and L2 evaluation attacks")
-    _add_attack_args(p)
+    cli.add_attack_args(g)
     g = p.add_argument_group("output")
     g.add_argument("--save_path", default="./saved_models/", help="run directory for every output")
     g.add_argument("--save_models", action="store_true",
@@ -77,15 +74,8 @@ def build_parser():
                    "shuffling, subsets, attack noise)")
     g.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted run from --save_path/{RESUME_FILE} (same flags)")
-    g.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+    cli.add_no_progress(g)
     return p
-
-
-def _add_attack_args(p):
-    """The evaluation-attack options shared with eval_and_make_adv.py, when attacks.py has them."""
-    import attacks
-    if hasattr(attacks, "add_attack_args"):
-        attacks.add_attack_args(p)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,6 +110,10 @@ def epoch_seed(seed, phase, epoch):
     return np.random.SeedSequence([seed, phase, epoch]).generate_state(1)[0]
 
 
+def phase2_dynamics(args):
+    return cli.dynamics_name(not args.do_standard_second, args.centering)
+
+
 class Run:
     """Everything one experiment needs, built once: data, model, jitted steps, outputs."""
 
@@ -127,46 +121,44 @@ class Run:
         import jax
         import jax.numpy as jnp
 
-        from data import balanced_subset, load_dataset
-        from models import get_model
-        from utils import (MetricsLog, atomic_json, check_meta, check_writable_dir, load_checkpoint,
-                           load_into_model, run_config)
+        import checkpoints
+        import models
+        from utils import MetricsLog, atomic_json, check_writable_dir, run_config
 
         self.args = args
+        self.base = None
+        if args.base_model_path:
+            self.base = checkpoints.open_network(args.base_model_path, model=args.model, width=args.width,
+                                                 dataset=args.dataset, flag="--base_model_path")
+        self.model = self.base.model if self.base else args.model or checkpoints.DEFAULTS["model"]
+        self.width = self.base.width if self.base else args.width or checkpoints.DEFAULTS["width"]
+        self._load_data()
         check_writable_dir(args.save_path)
-        base = load_checkpoint(args.base_model_path) if args.base_model_path else None
-        meta = base["meta"] if base else {}
-        self.model = args.model or meta.get("model", "resnet18")
-        self.width = args.width or meta.get("width", 64)
-        if base:
-            check_meta(meta, args.base_model_path, model=self.model, width=self.width)
-        if base and meta.get("dataset") not in (None, args.dataset):
-            raise UserError(f"{args.base_model_path} was trained on {meta['dataset']} but "
-                            f"--dataset {args.dataset} was requested")
-        ds = load_dataset(args.dataset, args.data_dir)
-        check_meta(meta, args.base_model_path, num_classes=ds.num_classes)
-        self.ds = ds
-        self.x_train, self.y_train = ds.x_train, ds.y_train
-        if args.train_size:
-            self.x_train, self.y_train, _ = balanced_subset(ds.x_train, ds.y_train, args.train_size,
-                                                            args.random_seed, ds.num_classes, "--train_size")
-        self.x_test, self.y_test = ds.x_test, ds.y_test
-        if args.test_size:
-            self.x_test, self.y_test, _ = balanced_subset(ds.x_test, ds.y_test, args.test_size,
-                                                          args.random_seed, ds.num_classes, "--test_size")
-        self.init, self.apply = get_model(self.model, ds.num_classes, self.width)
+        self.init, self.apply = models.get_model(self.model, self.ds.num_classes, self.width)
         self.key = jax.random.PRNGKey(args.random_seed)
-        params, net_state = self.init(jax.random.fold_in(self.key, 0), jnp.asarray(self.x_train[:2]), True)
-        self.init_params, self.init_state = params, net_state
-        if base:
-            base = load_into_model(args.base_model_path, params, net_state)
-        self.base = base
-        self.eps = args.eps / 255.0
+        if self.base:
+            self.init_params, self.init_state = self.base.ckpt["params"], self.base.ckpt["net_state"]
+        else:
+            self.init_params, self.init_state = self.init(jax.random.fold_in(self.key, 0),
+                                                          jnp.asarray(self.x_train[:2]), True)
+        self.eps = cli.eps_from_255(args.eps)
         self._steps = {}
         self.metrics = MetricsLog(os.path.join(args.save_path, "metrics.jsonl"))
         if not args.resume:
             open(self.metrics.path, "w").close()
             atomic_json(os.path.join(args.save_path, "config.json"), run_config(args))
+
+    def _load_data(self):
+        from data import balanced_subset, load_dataset
+        a = self.args
+        self.ds = ds = load_dataset(a.dataset, a.data_dir)
+        self.x_train, self.y_train, self.x_test, self.y_test = ds.x_train, ds.y_train, ds.x_test, ds.y_test
+        if a.train_size:
+            self.x_train, self.y_train, _ = balanced_subset(ds.x_train, ds.y_train, a.train_size, a.random_seed,
+                                                            ds.num_classes, "--train_size")
+        if a.test_size:
+            self.x_test, self.y_test, _ = balanced_subset(ds.x_test, ds.y_test, a.test_size, a.random_seed,
+                                                          ds.num_classes, "--test_size")
 
     # ---------------------------------------------------------------------------------
     def meta(self, **extra):
@@ -175,14 +167,19 @@ class Run:
                 "loaders": self.args.loaders, "random_seed": self.args.random_seed, **extra}
 
     def save(self, name, params, lin_params, net_state, **meta):
-        from utils import save_checkpoint
+        from checkpoints import save_checkpoint
         save_checkpoint(os.path.join(self.args.save_path, name), params, lin_params, net_state, self.meta(**meta))
 
+    def save_trained(self, name, dynamics, theta, theta0, net_state, **meta):
+        """Save a network trained in `dynamics` in the reference's layout (checkpoints.stored_as)."""
+        from checkpoints import stored_as
+        self.save(name, *stored_as(dynamics, theta, theta0), net_state, dynamics=dynamics, **meta)
+
     def train_step(self, dynamics, is_training):
-        from utils import make_optimizer, make_train_step
+        import train
         key = (dynamics, is_training)
         if key not in self._steps:
-            self._steps[key] = make_train_step(self.apply, dynamics, is_training, make_optimizer(0.0))
+            self._steps[key] = train.make_train_step(self.apply, dynamics, is_training, train.make_optimizer(0.0))
         return self._steps[key]
 
     def predict(self, dynamics):
@@ -193,18 +190,30 @@ class Run:
         return self._steps[key]
 
     # ---------------------------------------------------------------------------------
+    def batch_update(self, state, theta0, xb, yb, dynamics, is_training, attack_key):
+        """One clean step, and with `attack_key` (adversarial loader), as the reference: PGD
+        against the just-updated model (BatchNorm in inference mode), then a second step on
+        those examples. Returns (state, [metrics of each step])."""
+        from attacks import pgd
+        step = self.train_step(dynamics, is_training)
+        state, m = step(state, theta0, xb, yb)
+        outs = [m]
+        if attack_key is not None:
+            x_adv = pgd(self.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, attack_key,
+                        self.eps, 2 * self.eps / 20, steps=20)
+            state, m = step(state, theta0, x_adv, yb)
+            outs.append(m)
+        return state, outs
+
     def train_epoch(self, state, theta0, phase, epoch, dynamics, is_training, adversarial, on_batch=None):
         """One epoch over the training set. Returns (state, {'loss', 'acc'})."""
         import jax
         from tqdm import tqdm
 
         import parallel
-        from attacks import pgd
         from data import batches, num_batches
 
         state, theta0 = parallel.replicate((state, theta0))  # no-op with one device
-        step = self.train_step(dynamics, is_training)
-        predict = self.predict(dynamics)
         n_batches = num_batches(len(self.x_train), self.args.batch_size)
         attack_key = jax.random.fold_in(jax.random.fold_in(self.key, 1000 + phase), epoch)
         tot_loss, tot_correct, seen = 0.0, 0, 0
@@ -215,15 +224,8 @@ class Run:
             # Split over the devices (if several); a batch that does not divide is replicated,
             # never padded, so every step sees exactly its real examples (parallel.py).
             (xb, yb), _ = parallel.shard_batch((xb, yb), pad=False)
-            state, m = step(state, theta0, xb, yb)
-            outs = [m]
-            if adversarial:
-                # As the reference: the clean step above, then PGD against the just-updated
-                # model (BatchNorm in inference mode), then a second step on those examples.
-                x_adv = pgd(predict, (state.params, theta0, state.net_state), xb, yb,
-                            jax.random.fold_in(attack_key, i), self.eps, 2 * self.eps / 20, steps=20)
-                state, m = step(state, theta0, x_adv, yb)
-                outs.append(m)
+            state, outs = self.batch_update(state, theta0, xb, yb, dynamics, is_training,
+                                            jax.random.fold_in(attack_key, i) if adversarial else None)
             loss = float(np.mean([float(o["loss"]) for o in outs]))
             # The loss is taken before each update, so the updated state is checked as well:
             # nothing non-finite may reach a checkpoint (the fractional ones are saved below).
@@ -232,7 +234,7 @@ class Run:
                 raise UserError(f"non-finite {what} in phase {phase}, epoch {epoch}, batch {i}: "
                                 f"stopped before saving it; the checkpoints already in {self.args.save_path} are kept")
             tot_loss += loss * len(yb)
-            tot_correct += int(m["correct"])
+            tot_correct += int(outs[-1]["correct"])
             seen += len(yb)
             bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.3f}")
             bar.update()
@@ -247,19 +249,16 @@ class Run:
         from tqdm import tqdm
 
         import attacks
-        predict = self.predict(dynamics)
-        variables = (theta, theta0, net_state)
         steps = self.args.pgd_eval_steps
-        configs = {"linf": attacks.linf_config(self.eps, steps), "l2": attacks.l2_config(steps)}
-        if hasattr(attacks, "attack_from_args"):
-            configs = {"linf": attacks.attack_from_args(self.args, "linf", self.eps, steps),
-                       "l2": attacks.attack_from_args(self.args, "l2", 0.25, steps, step_size=0.01)}
+        configs = {"linf": attacks.attack_from_args(self.args, "linf", self.eps, steps),
+                   "l2": attacks.attack_from_args(self.args, "l2", cli.L2_EPS, steps, step_size=cli.L2_STEP_SIZE)}
         out, details = {}, {}
         for i, (norm, cfg) in enumerate(configs.items()):
             with tqdm(total=len(self.x_test), desc=f"eval {name} {norm}", leave=False,
                       disable=self.args.no_progress or None) as bar:
-                r = attacks.evaluate(predict, variables, self.x_test, self.y_test, batch_size=100, attack=cfg,
-                                     key=jax.random.fold_in(self.key, 2000 + i), progress=bar)
+                r = attacks.evaluate(self.predict(dynamics), (theta, theta0, net_state), self.x_test, self.y_test,
+                                     batch_size=100, attack=cfg, key=jax.random.fold_in(self.key, 2000 + i),
+                                     progress=bar)
             out["clean"] = r["acc_clean"]
             out[norm] = r["acc_adv"]
             details[norm] = {**cfg.describe(), "n": r["n"], "warnings": r.get("warnings", [])}
@@ -269,9 +268,12 @@ class Run:
 
 
 # --------------------------------------------------------------------------------------
+# Resume
+# --------------------------------------------------------------------------------------
 def _flatten(tree):
     import jax
-    from utils import to_numpy
+
+    from checkpoints import to_numpy
     return to_numpy(jax.tree_util.tree_leaves(tree))
 
 
@@ -290,7 +292,7 @@ def save_resume(run, progress, state, theta0):
     from utils import atomic_pickle
     obj = {"args": {k: v for k, v in vars(run.args).items() if k not in RESUME_FREE_FLAGS},
            "progress": progress, "state": _flatten(state),
-           "theta0": None if theta0 is None else _flatten(theta0), "init_params": _flatten(run.init_params)}
+           "theta0": None if theta0 is None else _flatten(theta0)}
     atomic_pickle(os.path.join(run.args.save_path, RESUME_FILE), obj)
 
 
@@ -307,123 +309,157 @@ def load_resume(args):
     return obj
 
 
-def run(args):
-    """Run the whole experiment. Returns the results dict (also written as results.pkl/json)."""
+# --------------------------------------------------------------------------------------
+# The two phases
+# --------------------------------------------------------------------------------------
+def fresh_phase2_optimizer(r):
+    """Phase 2 starts a fresh SGD at --second_lr, except --do_standard_second after phase 1,
+    which continues phase 1's optimizer (lr and momentum), as the reference."""
+    return not (r.args.do_standard_second and r.base is None)
+
+
+def initial_state(r, resume):
+    """(state, theta0, progress) to start from: the initial or base parameters, or where an
+    interrupted run stopped."""
     import jax.numpy as jnp
 
-    from utils import (TrainState, atomic_json, atomic_pickle, get_lr, make_optimizer, phase1_lr,
-                       set_lr)
-
-    validate(args)
-    resume = load_resume(args) if args.resume else None
-    r = Run(args)
-    a = args
+    import train
     results = {"standard": {"clean": 0.0, "l2": 0.0, "linf": 0.0},
                "linear": {"clean": 0.0, "l2": 0.0, "linf": 0.0},
-               "standard_second": bool(a.do_standard_second)}
+               "standard_second": bool(r.args.do_standard_second)}
     progress = {"phase": 1, "epoch": 0, "fractions_done": [], "results": results}
-    opt = make_optimizer(0.1)
-    theta0 = None
+    params, net_state = r.init_params, r.init_state
+    state = train.TrainState(params, net_state, train.make_optimizer(0.1).init(params), jnp.zeros((), jnp.int32))
+    if resume is None:
+        return state, None, progress
+    progress = resume["progress"]
+    template = state
+    if progress["phase"] == 2 and fresh_phase2_optimizer(r):
+        template = state._replace(opt_state=train.make_optimizer(r.args.second_lr).init(params))
+    state = _unflatten(template, resume["state"])
+    theta0 = None if resume["theta0"] is None else _unflatten(params, resume["theta0"])
+    return state, theta0, progress
 
-    phase1_epochs = 0 if r.base is not None else a.standard_epochs  # a base model skips phase 1
-    if r.base is not None:
-        params, net_state = r.base["params"], r.base["net_state"]
-    else:
-        params, net_state = r.init_params, r.init_state
-    state = TrainState(params, net_state, opt.init(params), jnp.zeros((), jnp.int32))
 
-    if resume is not None:
-        progress = resume["progress"]
-        results = progress["results"]
-        template = state
-        if progress["phase"] == 2 and not (a.do_standard_second and r.base is None):
-            template = TrainState(params, net_state, make_optimizer(a.second_lr).init(params), state.step)
-        state = _unflatten(template, resume["state"])
-        theta0 = None if resume["theta0"] is None else _unflatten(params, resume["theta0"])
-        if progress["phase"] == 3:
-            print(f"the run in {a.save_path} had already finished: {results}")
-            return results
-        print(f"resuming phase {progress['phase']} at epoch {progress['epoch']}")
+def run_phase1(r, state, progress):
+    """Phase 1: standard dynamics, lr schedule, constant saves, evaluation (of the base model
+    after --base_model_path, which skips the training). Returns (state, theta0)."""
+    import train
+    a, done = r.args, set(progress["fractions_done"])
+    n_epochs = 0 if r.base else a.standard_epochs
 
-    init_params = r.init_params
-    t_start = time.time()
-    # ---------------------------------------------------------------- phase 1
-    if progress["phase"] == 1:
-        done = set(progress["fractions_done"])
-        for epoch in range(progress["epoch"], phase1_epochs):
-            if a.constant_save:
-                r.save(f"parameters_checkpoint_{epoch}.pkl", state.params, init_params, state.net_state,
-                       epoch=epoch, phase=1, dynamics="standard")
-            state = state._replace(opt_state=set_lr(state.opt_state, phase1_lr(epoch)))
-            adversarial = loader_is_adversarial(a.loaders[0], epoch, a.flip_epoch)
+    def save(name, st, epoch):
+        if a.constant_save:  # phase-1 saves: params = theta_t, lin_params = the initial parameters
+            r.save(name, st.params, r.init_params, st.net_state, epoch=epoch, phase=1, dynamics="standard")
 
-            def on_batch(i, n, st, epoch=epoch):
-                for frac in FRACTIONAL_EPOCHS:
-                    if a.constant_save and frac not in done and epoch + (i + 1) / n >= frac and frac < epoch + 1:
-                        r.save(f"parameters_checkpoint_{frac:g}.pkl", st.params, init_params, st.net_state,
-                               epoch=frac, phase=1, dynamics="standard")
-                        done.add(frac)
+    for epoch in range(progress["epoch"], n_epochs):
+        save(f"parameters_checkpoint_{epoch}.pkl", state, epoch)
+        state = state._replace(opt_state=train.set_lr(state.opt_state, train.phase1_lr(epoch)))
+        adversarial = loader_is_adversarial(a.loaders[0], epoch, a.flip_epoch)
 
-            t0 = time.time()
-            state, m = r.train_epoch(state, state.params, 1, epoch, "standard", True, adversarial, on_batch)
-            r.metrics.write(event="epoch", phase=1, epoch=epoch, lr=get_lr(state.opt_state),
-                            adversarial=adversarial, seconds=time.time() - t0, **m)
-            print(f"phase 1 epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}"
-                  f"{' (adversarial)' if adversarial else ''}")
-            progress.update(epoch=epoch + 1, fractions_done=sorted(done))
-            save_resume(r, progress, state, None)
-        if a.constant_save and phase1_epochs > 0:
-            r.save(f"parameters_checkpoint_{phase1_epochs}.pkl", state.params, init_params, state.net_state,
-                   epoch=phase1_epochs, phase=1, dynamics="standard")
-        if not a.skip_first_test:
-            results["standard"] = r.evaluate("phase 1", "standard", state.params, state.params, state.net_state)
-        # Set up phase 2: theta0 is the phase-1 result, theta starts as its copy.
-        theta0 = state.params
-        if not (a.do_standard_second and r.base is None):
-            state = TrainState(state.params, state.net_state, make_optimizer(a.second_lr).init(state.params),
-                               state.step)
-        progress.update(phase=2, epoch=0, results=results)
-        save_resume(r, progress, state, theta0)
+        def on_batch(i, n, st, epoch=epoch):
+            for frac in FRACTIONAL_EPOCHS:
+                if frac not in done and epoch + (i + 1) / n >= frac and frac < epoch + 1:
+                    save(f"parameters_checkpoint_{frac:g}.pkl", st, frac)
+                    done.add(frac)
 
-    # ---------------------------------------------------------------- phase 2
-    if a.do_standard_second:
-        dynamics = "standard_centered" if a.centering else "standard"
-    else:
-        dynamics = "centered" if a.centering else "linear"
+        t0 = time.time()
+        state, m = r.train_epoch(state, state.params, 1, epoch, "standard", True, adversarial, on_batch)
+        r.metrics.write(event="epoch", phase=1, epoch=epoch, lr=train.get_lr(state.opt_state),
+                        adversarial=adversarial, seconds=time.time() - t0, **m)
+        print(f"phase 1 epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}{' (adversarial)' if adversarial else ''}")
+        progress.update(epoch=epoch + 1, fractions_done=sorted(done))
+        save_resume(r, progress, state, None)
+    if n_epochs > 0:
+        save(f"parameters_checkpoint_{n_epochs}.pkl", state, n_epochs)
+    if not a.skip_first_test:
+        progress["results"]["standard"] = r.evaluate("phase 1", "standard", state.params, state.params,
+                                                     state.net_state)
+    # Phase 2 starts from here: theta0 is the phase-1 result, theta starts as its copy.
+    theta0 = state.params
+    if fresh_phase2_optimizer(r):
+        state = state._replace(opt_state=train.make_optimizer(a.second_lr).init(state.params))
+    progress.update(phase=2, epoch=0)
+    save_resume(r, progress, state, theta0)
+    return state, theta0
+
+
+def run_phase2(r, state, theta0, progress):
+    """Phase 2 in the dynamics of --do_standard_second/--centering. Returns the state."""
+    import train
+    a = r.args
+    dynamics = phase2_dynamics(a)
     for epoch in range(progress["epoch"], a.linear_epochs):
         adversarial = loader_is_adversarial(a.loaders[1], epoch, a.flip_epoch)
         t0 = time.time()
         state, m = r.train_epoch(state, theta0, 2, epoch, dynamics, a.loose_bn_second, adversarial)
-        r.metrics.write(event="epoch", phase=2, epoch=epoch, lr=get_lr(state.opt_state), dynamics=dynamics,
+        r.metrics.write(event="epoch", phase=2, epoch=epoch, lr=train.get_lr(state.opt_state), dynamics=dynamics,
                         adversarial=adversarial, seconds=time.time() - t0, **m)
         print(f"phase 2 ({dynamics}) epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}"
               f"{' (adversarial)' if adversarial else ''}")
         if a.constant_save_linear:
-            r.save(f"parameters_checkpoint_linear_{epoch}.pkl", theta0, state.params, state.net_state,
-                   epoch=epoch + 1, phase=2, dynamics=dynamics)
+            r.save_trained(f"parameters_checkpoint_linear_{epoch}.pkl", dynamics, state.params, theta0,
+                           state.net_state, epoch=epoch + 1, phase=2)
         progress.update(epoch=epoch + 1)
         save_resume(r, progress, state, theta0)
     if a.linear_epochs > 0 and not a.skip_second_test:
-        results["linear"] = r.evaluate("phase 2", dynamics, state.params, theta0, state.net_state)
+        progress["results"]["linear"] = r.evaluate("phase 2", dynamics, state.params, theta0, state.net_state)
+    return state
 
-    if a.save_models:
-        if a.linear_epochs > 0:
-            r.save("parameters_final.pkl", theta0, state.params, state.net_state,
-                   epoch=a.linear_epochs, phase=2, dynamics=dynamics, centering=a.centering)
-        else:
-            r.save("parameters_final.pkl", state.params, init_params if r.base is None else r.base["lin_params"],
-                   state.net_state, epoch=phase1_epochs, phase=1, dynamics="standard")
-        atomic_pickle(os.path.join(a.save_path, "results.pkl"), results)
-        atomic_json(os.path.join(a.save_path, "results.json"), results)
+
+def save_final(r, state, theta0):
+    """parameters_final.pkl in the reference's layout: a phase-1-only run stores its result
+    in both keys (the reference copies theta into lin_params before phase 2 in any case)."""
+    a = r.args
+    if a.linear_epochs > 0:
+        r.save_trained("parameters_final.pkl", phase2_dynamics(a), state.params, theta0, state.net_state,
+                       epoch=a.linear_epochs, phase=2, centering=a.centering)
+    else:
+        r.save_trained("parameters_final.pkl", "standard", state.params, state.params, state.net_state,
+                       epoch=0 if r.base else a.standard_epochs, phase=1)
+
+
+def print_results(results):
+    print("accuracy   clean    L-inf PGD  L2 PGD")
+    for phase in ("standard", "linear"):
+        res = results[phase]
+        print(f"{'phase 1' if phase == 'standard' else 'phase 2'}    {res['clean']:.4f}   {res['linf']:.4f}     "
+              f"{res['l2']:.4f}")
+
+
+def run(args):
+    """Run the whole experiment. Returns the results dict (also written as results.pkl/json)."""
+    from utils import atomic_json, atomic_pickle
+
+    validate(args)
+    resume = load_resume(args) if args.resume else None
+    r = Run(args)
+    state, theta0, progress = initial_state(r, resume)
+    results = progress["results"]
+    if progress["phase"] == 3:
+        print(f"the run in {args.save_path} had already finished: {results}")
+        return results
+    if resume is not None:
+        print(f"resuming phase {progress['phase']} at epoch {progress['epoch']}")
+    t_start = time.time()
+    if progress["phase"] == 1:
+        state, theta0 = run_phase1(r, state, progress)
+    state = run_phase2(r, state, theta0, progress)
+    if args.save_models:
+        save_final(r, state, theta0)
+        atomic_pickle(os.path.join(args.save_path, "results.pkl"), results)
+        atomic_json(os.path.join(args.save_path, "results.json"), results)
     progress.update(phase=3, results=results)
     save_resume(r, progress, state, theta0)
-    print(f"done in {time.time() - t_start:.1f}s: {results}")
+    print(f"done in {time.time() - t_start:.1f}s")
+    print_results(results)
+    if not args.save_models:
+        print(f"no checkpoint was written: add --save_models to write {os.path.join(args.save_path, 'parameters_final.pkl')}")
     return results
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    return run_main(run, args)
+    return run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

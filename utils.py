@@ -1,15 +1,14 @@
-"""Training utilities, safe checkpoints and tree helpers shared by the four scripts."""
+"""The ground floor under every module: user errors and `run_main`, the restricted unpickler,
+atomic writes, and run records. Imports nothing of this project and no JAX at import time."""
 from __future__ import annotations
 
 import errno
-import io
 import json
 import os
 import pickle
 import subprocess
 import sys
 import tempfile
-from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,6 +77,14 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if fn is None:
             raise _Refused(f"refusing to load global '{module}.{name}'")
         return fn
+
+
+def decode_keys(obj):
+    """`obj` with the bytes keys of its (nested) dicts decoded: pickles written by Python 2, or
+    read with encoding='bytes', key their dicts by bytes."""
+    if isinstance(obj, dict):
+        return {(k.decode() if isinstance(k, bytes) else k): decode_keys(v) for k, v in obj.items()}
+    return obj
 
 
 def restricted_load(path):
@@ -153,93 +160,6 @@ def check_writable_dir(path, flag="--save_path"):
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints
-# --------------------------------------------------------------------------------------
-def to_numpy(tree):
-    import jax
-    return jax.tree_util.tree_map(lambda a: np.asarray(a), tree)
-
-
-def save_checkpoint(path, params, lin_params, net_state, meta=None):
-    """Save the reference layout `{'params','lin_params','net_state'}` as numpy arrays,
-    plus a `meta` dict (model, width, num_classes, input_shape, dataset, epoch, ...)."""
-    obj = {"params": to_numpy(params), "lin_params": to_numpy(lin_params),
-           "net_state": to_numpy(net_state)}
-    if meta is not None:
-        obj["meta"] = dict(meta)
-    atomic_pickle(path, obj)
-
-
-def _decode_keys(obj):
-    if isinstance(obj, dict):
-        return {(k.decode() if isinstance(k, bytes) else k): _decode_keys(v) for k, v in obj.items()}
-    return obj
-
-
-def load_checkpoint(path):
-    """Load a checkpoint safely. Returns a dict with 'params', 'lin_params', 'net_state'
-    (numpy leaves) and 'meta' ({} for the reference's own files)."""
-    ckpt = _decode_keys(restricted_load(path))
-    if not isinstance(ckpt, dict) or "params" not in ckpt:
-        raise UserError(f"{path} is not a checkpoint: it has no 'params'")
-    ckpt.setdefault("lin_params", ckpt["params"])
-    ckpt.setdefault("net_state", {})
-    ckpt.setdefault("meta", {})
-    return ckpt
-
-
-def tree_shapes(tree):
-    """{'module/name': shape} for a two-level Haiku tree."""
-    out = {}
-    for mod, leaves in tree.items():
-        for name, leaf in leaves.items():
-            out[f"{mod}/{name}"] = tuple(np.shape(leaf))
-    return out
-
-
-def check_tree(expected, got, what):
-    """Raise UserError naming the first key whose presence or shape differs."""
-    e, g = tree_shapes(expected), tree_shapes(got)
-    for key in sorted(set(e) | set(g)):
-        if e.get(key) != g.get(key):
-            exp = e.get(key, "missing")
-            found = g.get(key, "missing")
-            raise UserError(f"{what} does not fit the model: '{key}' has shape {found} in the file "
-                            f"but the model expects {exp}")
-
-
-def check_meta(meta, path, **expected):
-    """Compare a checkpoint's meta with the values requested on the command line."""
-    for key, want in expected.items():
-        have = meta.get(key)
-        if have is not None and want is not None and have != want:
-            raise UserError(f"{path} was saved with {key}={have} but {key}={want} was requested")
-
-
-def resolve_setting(meta, key, flag_value, default, path):
-    """The checkpoint's meta value, the flag, or the default; a contradiction is an error."""
-    have = meta.get(key)
-    if have is not None and flag_value is not None and have != flag_value:
-        raise UserError(f"{path} was saved with {key}={have} but --{key} {flag_value} was given")
-    if flag_value is not None:
-        return flag_value
-    return have if have is not None else default
-
-
-def load_into_model(path, init_params, init_state, **expected_meta):
-    """Load `path`, check its meta and tree against the model, return the checkpoint with
-    jnp leaves."""
-    import jax.numpy as jnp
-    import jax
-    ckpt = load_checkpoint(path)
-    check_meta(ckpt["meta"], path, **expected_meta)
-    for key, ref in (("params", init_params), ("lin_params", init_params), ("net_state", init_state)):
-        check_tree(ref, ckpt[key], f"{path} ['{key}']")
-        ckpt[key] = jax.tree_util.tree_map(lambda r, a: jnp.asarray(a, dtype=r.dtype), ref, ckpt[key])
-    return ckpt
-
-
-# --------------------------------------------------------------------------------------
 # Run records
 # --------------------------------------------------------------------------------------
 def git_hash():
@@ -265,83 +185,3 @@ class MetricsLog:
     def write(self, **record):
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")
-
-
-# --------------------------------------------------------------------------------------
-# Optimisation
-# --------------------------------------------------------------------------------------
-class TrainState(NamedTuple):
-    params: Any      # the parameters being trained (theta)
-    net_state: Any   # Haiku state: BatchNorm running statistics
-    opt_state: Any   # optax state of SGD with momentum; holds the current learning rate
-    step: Any        # number of optimizer steps taken (int32 scalar)
-
-
-def make_optimizer(lr):
-    """The reference's optimizer: SGD with momentum 0.9, no Nesterov, no weight decay.
-    The learning rate lives in the state so it can change on epoch boundaries."""
-    import optax
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=0.9)
-
-
-def set_lr(opt_state, lr):
-    import jax.numpy as jnp
-    opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, dtype=jnp.float32)
-    return opt_state
-
-
-def get_lr(opt_state):
-    return float(opt_state.hyperparams["learning_rate"])
-
-
-def phase1_lr(epoch, base_lr=0.1):
-    """lr 0.1, 0.01 once epoch 99 has finished, 0.001 once epoch 149 has finished."""
-    if epoch >= 150:
-        return base_lr * 0.01
-    if epoch >= 100:
-        return base_lr * 0.1
-    return base_lr
-
-
-def cross_entropy(logits, labels):
-    import jax
-    import jax.numpy as jnp
-    logp = jax.nn.log_softmax(logits)
-    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
-
-
-def make_train_step(apply, dynamics, is_training, optimizer):
-    """A jitted `(TrainState, theta0, x, y) -> (TrainState, metrics)` step.
-
-    `dynamics` is one of models.DYNAMICS; `theta0` is ignored by 'standard'. With
-    `is_training`, BatchNorm uses batch statistics and its running averages are updated;
-    otherwise it is frozen to them. metrics = {'loss': mean loss before the update, 'correct':
-    count, 'finite': whether every float of the new TrainState is finite}.
-    """
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from models import dynamics_apply
-
-    def loss_fn(params, net_state, theta0, x, y):
-        logits, new_state = dynamics_apply(apply, dynamics, params, theta0, net_state, x,
-                                           is_training=is_training)
-        return cross_entropy(logits, y), (logits, new_state)
-
-    def step(state, theta0, x, y):
-        (loss, (logits, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params, state.net_state, theta0, x, y)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if not is_training:
-            new_state = state.net_state
-        new = TrainState(params, new_state, opt_state, state.step + 1)
-        # The loss was taken before the update: also report whether the new state is finite,
-        # so a NaN guard never lets a non-finite state reach a checkpoint.
-        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(new)
-                                    if jnp.issubdtype(a.dtype, jnp.inexact)]))
-        metrics = {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == y), "finite": finite}
-        return new, metrics
-
-    return jax.jit(step)
-

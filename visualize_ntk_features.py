@@ -40,14 +40,15 @@ this one uses the kernel's own images and the checkpoint's model.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import io
 import os
 import time
+from typing import Callable, NamedTuple
 
 import numpy as np
 
+import cli
 import utils
 from utils import UserError
 
@@ -59,20 +60,25 @@ MAX_CONDITION = 1e8
 _CHUNK = 32  # images per vjp when forming v (bounds the memory of the backward pass)
 
 
+EXAMPLES = [
+    "python visualize_ntk_features.py --model_path runs/phase1_AC/parameters_final.pkl "
+    "--kernel_path runs/phase1_AC/saved_kernel_class_0_100.pkl --n_images 4",
+    "python visualize_ntk_features.py --model_path runs/phase1_AC/parameters_final.pkl "
+    "--kernel_path runs/phase1_AC/saved_kernel_class_0_100.pkl --steps 100 --step_size 0.01",
+]
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Images whose NTK tangent features align with the kernel's top eigenvectors "
-                    "(positive: ascent, negative: descent) and with the kernel-regression weights "
-                    "K^-1 y_c. Writes a pickle and a PNG under dirname(model_path)/bonus_dir.")
+    p = cli.parser("Images whose NTK tangent features align with the kernel's top eigenvectors "
+                   "(positive: ascent, negative: descent) and with the kernel-regression weights "
+                   "K^-1 y_c. Writes a pickle and a PNG under dirname(model_path)/bonus_dir.", EXAMPLES)
     p.add_argument("--model_path", required=True, help="checkpoint the kernel was computed from")
     p.add_argument("--kernel_path", required=True,
                    help="kernel file written by calculate_kernel.py (its images, class and model are used)")
     p.add_argument("--dataset_size", type=int, default=None,
                    help="number of images in the kernel; must match the kernel file (default: the file's)")
     p.add_argument("--save_name", default="ntk_eig_images", help="stem of the output files")
-    p.add_argument("--class_index", type=int, default=None,
-                   help="class of the kernel (-1 = mean over logits); must match the kernel file "
-                        "(default: the file's)")
+    cli.add_class_index(p, default=None, help_extra="; must match the kernel file (default: the file's)")
     p.add_argument("--n_images", type=int, default=3, help="number of top eigenvectors to draw")
     p.add_argument("--steps", type=int, default=600, help="signed-gradient steps per image")
     p.add_argument("--step_size", type=float, default=0.001, help="size of each signed step (pixels in [0,1])")
@@ -85,16 +91,11 @@ def build_parser():
                         "dispatched from Python (XLA:CPU runs weight-gradient convolutions several times "
                         "slower inside a loop, jax-ml/jax#12868); auto = host on CPU, fori elsewhere")
     p.add_argument("--bonus_dir", default=".", help="sub-directory of dirname(model_path) for the outputs")
-    p.add_argument("--data_dir", default="./data", help="where the CIFAR datasets live (digits needs none)")
-    p.add_argument("--dataset", default=None, choices=("cifar10", "cifar100", "digits"),
-                   help="dataset; must match the kernel file and the checkpoint (default: theirs)")
-    p.add_argument("--model", default=None, choices=("resnet18", "mlp_skinny", "mlp_wide", "linear"),
-                   help="model; must match the checkpoint and the kernel file (default: theirs)")
-    p.add_argument("--width", type=int, default=None,
-                   help="ResNet width; must match the checkpoint and the kernel file (default: theirs)")
+    cli.add_network_args(p)
     p.add_argument("--random_seed", type=int, default=None,
                    help="seed the kernel's images were drawn with; checked against the kernel file "
                         "(the images themselves come from the file's indices)")
+    cli.add_no_progress(p)
     return p
 
 
@@ -163,26 +164,31 @@ def _stacked_pullback(pullback, cotangent, k):
 
 
 def resolve_loop(loop):
-    """'fori' or 'host' for `--loop auto`: 'host' on CPU, 'fori' elsewhere.
-
-    On XLA:CPU the weight-gradient convolutions run several times slower inside a while loop
-    than outside one (jax-ml/jax#12868): measured 0.9 s against 0.15-0.25 s per step for the
-    full-width ResNet-18 on a 2-core CPU (bench/bench_visualize.py). A host loop over the
-    jitted step costs one asynchronous dispatch per step, negligible next to the step.
-    """
+    """'fori' or 'host' for `--loop`; 'auto' is attacks.loop_mode(): 'host' on CPU, where
+    XLA runs the weight-gradient convolutions several times slower inside a while loop
+    (jax-ml/jax#12868; 0.9 s against 0.15-0.25 s per step for the full-width ResNet-18 on a
+    2-core CPU, bench/bench_visualize.py), 'fori' elsewhere."""
     if loop == "auto":
-        import jax
-        return "host" if jax.default_backend() == "cpu" else "fori"
+        import attacks
+        return attacks.loop_mode()
     if loop not in ("fori", "host"):
         raise UserError(f"--loop must be auto, fori or host, not {loop!r}")
     return loop
+
+
+class TangentTools(NamedTuple):
+    direction: Callable   # (params, x [n,H,W,C], coef [n,k]) -> v, a params tree with leading axis k
+    cosine: Callable      # (params, v, x [H,W,C]) -> cos(grad_theta f(x), v)
+    ascend: Callable      # (params, v, x0, sign, step_size, steps) -> (x_best, cos_best, history)
+    classes: tuple        # the logits whose tangent features are stacked
+    loop: str             # 'fori' or 'host' (resolve_loop)
 
 
 def make_tangent_fns(f, classes, loop="auto"):
     """Tangent-feature tools for the logits `f(params, x) -> [N, C]` and the classes `classes`
     (a tuple: `(c,)` for one class, all classes for the mean kernel).
 
-    Returns a namespace with
+    Returns TangentTools with
     - `direction(params, x, coef) -> v`: v[k] = sum_j coef[j, k] grad_theta f_{classes[k]}(x_j),
       a params-shaped tree with a leading axis len(classes); x [n, H, W, C], coef [n, k].
       One vjp per chunk of images (per class when k > 1).
@@ -263,13 +269,7 @@ def make_tangent_fns(f, classes, loop="auto"):
             history.append(c)
         return carry[1], carry[2], jnp.stack(history)
 
-    class Tools:
-        pass
-    tools = Tools()
-    tools.direction, tools.cosine = direction, jax.jit(cosine)
-    tools.ascend = ascend_fori if loop == "fori" else ascend_host
-    tools.classes, tools.loop = classes, loop
-    return tools
+    return TangentTools(direction, jax.jit(cosine), ascend_fori if loop == "fori" else ascend_host, classes, loop)
 
 
 # --------------------------------------------------------------------------------------
@@ -281,9 +281,7 @@ def load_kernel_file(path):
         raise UserError("--kernel_path is required")
     if not os.path.exists(path):
         raise UserError(f"kernel file not found: {path} (make it with calculate_kernel.py)")
-    obj = utils.restricted_load(path)
-    if isinstance(obj, dict):
-        obj = {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
+    obj = utils.decode_keys(utils.restricted_load(path))
     if not isinstance(obj, dict) or "kernel" not in obj:
         raise UserError(f"{path} is not a kernel file: it has no 'kernel'")
     missing = [k for k in KERNEL_KEYS if k not in obj]
@@ -323,23 +321,7 @@ def _same_file(a, b):
 
 
 def output_stem(args, class_index, n):
-    name = f"{args.save_name}_class_{class_index}_{n}" if class_index != -1 else f"{args.save_name}_{n}"
-    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir, name))
-
-
-def checkpoint_fn(ckpt, apply, use_linear_params=False):
-    """`(f, params)`: f(params, x) -> logits [N, C] with BatchNorm in inference mode at the
-    checkpoint's net_state; params = lin_params or params."""
-    try:
-        import ntk
-        return ntk.checkpoint_fn(ckpt, apply, use_linear_params=use_linear_params)
-    except (ImportError, AttributeError):
-        pass
-    net_state = ckpt["net_state"]
-
-    def f(params, x):
-        return apply(params, net_state, None, x, False)[0]
-    return f, ckpt["lin_params" if use_linear_params else "params"]
+    return os.path.join(cli.output_dir(args.model_path, args.bonus_dir), args.save_name + cli.class_suffix(class_index, n))
 
 
 # --------------------------------------------------------------------------------------
@@ -402,10 +384,11 @@ def make_figure(result, title):
 # --------------------------------------------------------------------------------------
 # Script
 # --------------------------------------------------------------------------------------
-def run(args):
-    """Check inputs, draw the eigen-images, write the pickle and PNG. Returns the result dict
-    (also saved) with 'pkl_path' and 'png_path' added."""
-    # ---- inputs, all checked before any work ----
+def open_inputs(args):
+    """Check the kernel file, the checkpoint and the flags against each other, before any work.
+    Returns (kernel file dict, Network, class_index, the kernel's images [n, H, W, C])."""
+    import checkpoints
+    import data
     kfile = load_kernel_file(args.kernel_path)
     n = len(kfile["kernel"])
     class_index = _resolve("class_index", ("the kernel file", kfile["class_index"]),
@@ -418,118 +401,116 @@ def run(args):
     if args.steps < 0 or not args.step_size > 0 or not args.ridge >= 0:
         raise UserError("--steps must be >= 0, --step_size > 0 and --ridge >= 0")
 
-    ckpt_meta = utils.load_checkpoint(args.model_path)["meta"]
+    checkpoints.check_file(args.model_path)
+    ckpt = checkpoints.load_checkpoint(args.model_path)
+    meta = ckpt["meta"]
     kernel_ckpt = kfile.get("model_path")
     if kernel_ckpt and os.path.exists(kernel_ckpt) and not _same_file(kernel_ckpt, args.model_path):
         raise UserError(f"the kernel was computed from {kernel_ckpt}, not from --model_path {args.model_path}")
-    dataset_name = _resolve("dataset", ("the kernel file", kfile["dataset"]),
-                            ("the checkpoint", ckpt_meta.get("dataset")), ("--dataset", args.dataset))
-    model_name = _resolve("model", ("the kernel file", kfile["model"]),
-                          ("the checkpoint", ckpt_meta.get("model")), ("--model", args.model))
-    width = _resolve("width", ("the kernel file", kfile["width"]),
-                     ("the checkpoint", ckpt_meta.get("width")), ("--width", args.width))
-    if dataset_name is None or model_name is None:
+    agreed = {key: _resolve(key, ("the kernel file", kfile[key]), ("the checkpoint", meta.get(key)),
+                            (f"--{key}", getattr(args, key))) for key in ("dataset", "model", "width")}
+    if agreed["dataset"] is None or agreed["model"] is None:
         raise UserError("say --dataset and --model: neither the kernel file nor the checkpoint names them")
-    import data as data_lib
     num_classes = _resolve("num_classes", ("the kernel file", kfile["num_classes"]),
-                           ("the checkpoint", ckpt_meta.get("num_classes")),
-                           (f"dataset {dataset_name}", data_lib.num_classes_of(dataset_name)))
+                           ("the checkpoint", meta.get("num_classes")),
+                           (f"dataset {agreed['dataset']}", data.num_classes_of(agreed["dataset"])))
     if not -1 <= class_index < num_classes:
-        raise UserError(f"class_index {class_index} is not -1 or a class of {dataset_name} (0..{num_classes - 1})")
-
-    stem = output_stem(args, class_index, n)
-    utils.check_writable_dir(os.path.dirname(stem), "--bonus_dir")
-    dataset = data_lib.load_dataset(dataset_name, args.data_dir)
+        raise UserError(f"class_index {class_index} is not -1 or a class of {agreed['dataset']} (0..{num_classes - 1})")
+    dataset = data.load_dataset(agreed["dataset"], args.data_dir)
+    _resolve("input_shape", ("the checkpoint", None if meta.get("input_shape") is None else tuple(meta["input_shape"])),
+             (f"dataset {agreed['dataset']}", dataset.input_shape))
     idx = kfile["indices"]
     if idx.min() < 0 or idx.max() >= len(dataset.x_train):
         raise UserError(f"the kernel's indices reach {idx.max()}, beyond the {len(dataset.x_train)} "
-                        f"training images of {dataset_name} in {args.data_dir}")
+                        f"training images of {agreed['dataset']} in {args.data_dir}")
     if not np.array_equal(dataset.y_train[idx], kfile["labels"]):
-        raise UserError(f"the kernel's labels differ from those of its indices in {dataset_name}'s training "
+        raise UserError(f"the kernel's labels differ from those of its indices in {agreed['dataset']}'s training "
                         f"split under {args.data_dir}: not the images the kernel was computed on")
-    x_kernel = dataset.x_train[idx]  # [n, H, W, C], the kernel's own images
-    image_shape = dataset.input_shape
-    _resolve("input_shape", ("the checkpoint", None if ckpt_meta.get("input_shape") is None
-                             else tuple(ckpt_meta["input_shape"])), (f"dataset {dataset_name}", image_shape))
+    net = checkpoints.Network(ckpt, args.model_path, **agreed)
+    return kfile, net, class_index, dataset.x_train[idx]
 
-    import jax
+
+def draw_images(args, tools, params, x_kernel, evecs, w):
+    """The ascent/descent images of the top --n_images eigenvectors and the w image.
+    Returns ({'pos_images', 'neg_images', 'pos_cos', 'neg_cos', 'pos_cos_history',
+    'neg_cos_history', 'w_image', 'w_cos', 'w_cos_history'}, seconds)."""
     import jax.numpy as jnp
-    import models
     from tqdm import tqdm
-
-    init, apply = models.get_model(model_name, num_classes, width if width is not None else 64)
-    # shapes only: running Haiku's initializers eagerly for ResNet-18 takes longer than loading
-    p0, s0 = jax.eval_shape(lambda key, x: init(key, x, True), jax.random.PRNGKey(0),
-                            jnp.zeros((1,) + image_shape, jnp.float32))
-    ckpt = utils.load_into_model(args.model_path, p0, s0, model=model_name, width=width, num_classes=num_classes)
-    use_lin = bool(kfile["use_linear_params"])
-    f, params = checkpoint_fn(ckpt, apply, use_linear_params=use_lin)
-
-    # ---- spectrum and regression weights (host, float64) ----
-    evals, evecs = sorted_eigh(kfile["kernel"])
-    classes = tuple(range(num_classes)) if class_index == -1 else (class_index,)
-    targets = (kfile["labels"][:, None] == np.asarray(classes)[None, :]).astype(np.float64)  # [n, k]
-    w, ridge_used = kernel_weights(evals, evecs, targets, args.ridge)
-    if ridge_used is not None:
-        print(f"K is ill-conditioned (eigenvalues {evals[0]:.3g} .. {evals[-1]:.3g}): solving for w "
-              f"with ridge {ridge_used:.3g} (= {args.ridge:g} * mean diag K)")
-
-    # ---- images ----
-    tools = make_tangent_fns(f, classes, loop=args.loop)
-    m, k = args.n_images, len(classes)
+    m, k, n = args.n_images, len(tools.classes), len(x_kernel)
+    image_shape = x_kernel.shape[1:]
     x0 = jnp.full(image_shape, 0.5, jnp.float32)
+    out = {f"{kind}_{what}": np.zeros(shape, np.float64 if what == "cos" else np.float32) for kind in ("pos", "neg")
+           for what, shape in (("images", (m,) + image_shape), ("cos", (m,)), ("cos_history", (m, args.steps + 1)))}
     jobs = [("pos", i) for i in range(m)] + [("neg", i) for i in range(m)] + [("w", 0)]
-    out = {key: np.zeros((m,) + image_shape, np.float32) for key in ("pos_images", "neg_images")}
-    cos = {key: np.zeros(m) for key in ("pos_cos", "neg_cos")}
-    histories = {kind: np.zeros((m, args.steps + 1), np.float32) for kind in ("pos", "neg")}
     directions = {}
     t0 = time.perf_counter()
-    for kind, i in tqdm(jobs, desc="eigen-images"):
+    for kind, i in tqdm(jobs, desc="eigen-images", disable=args.no_progress or None):
         if kind == "w":
             v = tools.direction(params, x_kernel, w.reshape(n, k))
         else:
             if i not in directions:
                 directions[i] = tools.direction(params, x_kernel, np.repeat(evecs[:, i:i + 1], k, axis=1))
             v = directions.pop(i) if kind == "neg" else directions[i]
-        sign = 1.0 if kind in ("pos", "w") else -1.0
-        x, c_best, history = tools.ascend(params, v, x0, sign, args.step_size, steps=args.steps)
-        x, history = np.asarray(x), np.asarray(history)
+        x, c_best, history = tools.ascend(params, v, x0, -1.0 if kind == "neg" else 1.0, args.step_size,
+                                          steps=args.steps)
         if kind == "w":
-            w_image, w_cos, w_history = x, float(c_best), history
+            out.update(w_image=np.asarray(x), w_cos=float(c_best), w_cos_history=np.asarray(history))
         else:
-            out[f"{kind}_images"][i] = x
-            cos[f"{kind}_cos"][i] = float(c_best)
-            histories[kind][i] = history
-    seconds = time.perf_counter() - t0
+            out[f"{kind}_images"][i], out[f"{kind}_cos"][i] = np.asarray(x), float(c_best)
+            out[f"{kind}_cos_history"][i] = np.asarray(history)
+    return out, time.perf_counter() - t0
 
-    result = {**out, "w_image": w_image, **cos, "w_cos": w_cos, "pos_cos_history": histories["pos"],
-              "neg_cos_history": histories["neg"], "w_cos_history": w_history,
-              "eigenvalues": evals, "eigenvectors": evecs[:, :m], "w": w.reshape(n, k) if k > 1 else w[:, 0],
+
+def run(args):
+    """Check inputs, draw the eigen-images, write the pickle and PNG. Returns the result dict
+    (also saved) with 'pkl_path' and 'png_path' added."""
+    kfile, net, class_index, x_kernel = open_inputs(args)
+    n = len(x_kernel)
+    stem = output_stem(args, class_index, n)
+    utils.check_writable_dir(os.path.dirname(stem), "--bonus_dir")
+    use_lin = bool(kfile["use_linear_params"])
+    f, params = net.kernel_fn(use_lin)
+
+    # ---- spectrum and regression weights (host, float64) ----
+    evals, evecs = sorted_eigh(kfile["kernel"])
+    classes = tuple(range(net.num_classes)) if class_index == -1 else (class_index,)
+    targets = (kfile["labels"][:, None] == np.asarray(classes)[None, :]).astype(np.float64)  # [n, k]
+    w, ridge_used = kernel_weights(evals, evecs, targets, args.ridge)
+    if ridge_used is not None:
+        print(f"K is ill-conditioned (eigenvalues {evals[0]:.3g} .. {evals[-1]:.3g}): solving for w "
+              f"with ridge {ridge_used:.3g} (= {args.ridge:g} * mean diag K)")
+
+    tools = make_tangent_fns(f, classes, loop=args.loop)
+    images, seconds = draw_images(args, tools, params, x_kernel, evecs, w)
+    m, k = args.n_images, len(classes)
+    result = {**images, "eigenvalues": evals, "eigenvectors": evecs[:, :m], "w": w.reshape(n, k) if k > 1 else w[:, 0],
               "ridge": ridge_used, "class_index": class_index, "classes": list(classes),
               "steps": args.steps, "step_size": args.step_size, "loop": tools.loop, "use_linear_params": use_lin,
-              "dataset": dataset_name, "model": model_name, "width": width, "num_classes": num_classes,
+              "dataset": net.dataset, "model": net.model, "width": net.width, "num_classes": net.num_classes,
               "kernel_path": os.path.abspath(args.kernel_path), "model_path": os.path.abspath(args.model_path),
-              "indices": idx, "labels": kfile["labels"], "seconds": seconds, "config": utils.run_config(args)}
+              "indices": kfile["indices"], "labels": kfile["labels"], "seconds": seconds,
+              "config": utils.run_config(args)}
     pkl_path, png_path = stem + ".pkl", stem + ".png"
     utils.atomic_pickle(pkl_path, result)
     which = "mean over logits" if class_index == -1 else f"class {class_index}"
-    title = (f"NTK eigen-images: {model_name}" + (f" (width {width})" if model_name == "resnet18" else "")
-             + f", {dataset_name}, {which}, n={n}, {args.steps} steps of {args.step_size:g}"
+    title = (f"NTK eigen-images: {net.model}" + (f" (width {net.width})" if net.model == "resnet18" else "")
+             + f", {net.dataset}, {which}, n={n}, {args.steps} steps of {args.step_size:g}"
              + (", lin_params" if use_lin else ""))
     utils.atomic_write_bytes(png_path, make_figure(result, title))
 
     for i in range(m):
-        print(f"u{i + 1}: eigenvalue {evals[i]:.4g}  cos+ {cos['pos_cos'][i]:+.3f}  "
-              f"cos- {cos['neg_cos'][i]:+.3f}  (mid-grey start {histories['pos'][i, 0]:+.3f})")
-    print(f"w: cos {w_cos:+.3f} (mid-grey start {w_history[0]:+.3f}); {2 * m + 1} images in {seconds:.1f} s")
+        print(f"u{i + 1}: eigenvalue {evals[i]:.4g}  cos+ {images['pos_cos'][i]:+.3f}  "
+              f"cos- {images['neg_cos'][i]:+.3f}  (mid-grey start {images['pos_cos_history'][i, 0]:+.3f})")
+    print(f"w: cos {images['w_cos']:+.3f} (mid-grey start {images['w_cos_history'][0]:+.3f}); "
+          f"{2 * m + 1} images in {seconds:.1f} s")
     print(f"wrote {pkl_path}")
     print(f"wrote {png_path}")
     result["pkl_path"], result["png_path"] = pkl_path, png_path
     return result
 
 
-def main():
-    utils.run_main(run, build_parser().parse_args())
+def main(argv=None):
+    utils.run_main(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

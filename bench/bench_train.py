@@ -2,7 +2,7 @@
 
 Prints one JSON line per measurement:
   matmul_peak   fp32 peak of this machine: a jitted [n,n]x[n,n] jnp.dot, GFLOP/s;
-  train_standard  utils.make_train_step(apply, 'standard', True, sgd) (phase 1), img/s,
+  train_standard  train.make_train_step(apply, 'standard', True, sgd) (phase 1), img/s,
                   plus its FLOPs (XLA cost analysis of the compiled step) as a fraction of the peak;
   train_linear    the same with dynamics 'linear' and BatchNorm frozen (phase 2), img/s;
   pgd20           attacks.pgd, L-inf eps 4/255, 20 steps, step 2*eps/20 (the training attack), img/s;
@@ -104,7 +104,7 @@ def run(args):
     import attacks
     import data
     import models
-    import utils
+    import train
 
     info = machine_info()
     base = {"machine": info, "loadavg_1min_at_start": os.getloadavg()[0]}
@@ -146,10 +146,10 @@ def run(args):
     params = dict(params)
     params["res_net18/~/logits"] = jax.tree_util.tree_map(
         lambda w: w + 0.01 * jax.random.normal(key, w.shape, w.dtype), params["res_net18/~/logits"])
-    opt = utils.make_optimizer(0.1)
+    opt = train.make_optimizer(0.1)
 
     def fresh_state():
-        return utils.TrainState(params, net_state, opt.init(params), jnp.zeros((), jnp.int32))
+        return train.TrainState(params, net_state, opt.init(params), jnp.zeros((), jnp.int32))
 
     cfg = {"model": "resnet18", "width": args.width, "num_classes": 10, "batch_size": B,
            "input_shape": [32, 32, 3], "data": source}
@@ -158,7 +158,7 @@ def run(args):
                                         ("train_linear", "linear", False)):
         if name not in only and not (name == "train_standard" and "data_feeding" in only):
             continue
-        step = utils.make_train_step(apply, dynamics, is_training, opt)
+        step = train.make_train_step(apply, dynamics, is_training, opt)
         holder = [fresh_state()]
         flops = _flops(step.lower(holder[0], params, x, y).compile())
 

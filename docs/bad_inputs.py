@@ -101,13 +101,13 @@ def setup(d):
     import jax.numpy as jnp
     import numpy as np
     import models
-    import utils
-    meta = utils.load_checkpoint(os.path.join(d, "run", "parameters_final.pkl"))["meta"]
+    import checkpoints
+    meta = checkpoints.load_checkpoint(os.path.join(d, "run", "parameters_final.pkl"))["meta"]
     init, _ = models.get_model("mlp_skinny", 100)
     p, s = init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), True)
     meta100 = {**{k: v for k, v in meta.items() if k != "dataset"}, "num_classes": 100}
-    utils.save_checkpoint(os.path.join(d, "classes100.pkl"), p, p, s, meta100)
-    utils.save_checkpoint(os.path.join(d, "classes100_nometa.pkl"), p, p, s)
+    checkpoints.save_checkpoint(os.path.join(d, "classes100.pkl"), p, p, s, meta100)
+    checkpoints.save_checkpoint(os.path.join(d, "classes100_nometa.pkl"), p, p, s)
 
     class Evil:
         def __reduce__(self):

@@ -119,7 +119,7 @@ def tiny_run(tmp_path_factory):
     """A fake run directory: mlp_skinny checkpoints at epochs 0, 0.125, 0.5, 1 whose parameters
     drift from the initial ones, plus a phase-2 `_linear_` file that must be ignored."""
     import models
-    import utils
+    import checkpoints
     run_dir = tmp_path_factory.mktemp("run")
     init, _ = models.get_model("mlp_skinny", 10)
     params, state = init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)), True)
@@ -130,9 +130,9 @@ def tiny_run(tmp_path_factory):
     meta = dict(model="mlp_skinny", width=64, num_classes=10, input_shape=(8, 8, 1), dataset="digits", phase=1)
     for t in (0, 0.125, 0.5, 1):
         p = jax.tree_util.tree_unflatten(tree, [a + t * b + t * t * c for a, b, c in zip(leaves, d1, d2)])
-        utils.save_checkpoint(str(run_dir / f"parameters_checkpoint_{t:g}.pkl"), p, params, state,
+        checkpoints.save_checkpoint(str(run_dir / f"parameters_checkpoint_{t:g}.pkl"), p, params, state,
                               dict(meta, epoch=t))
-    utils.save_checkpoint(str(run_dir / "parameters_checkpoint_linear_0.pkl"), params, params, state,
+    checkpoints.save_checkpoint(str(run_dir / "parameters_checkpoint_linear_0.pkl"), params, params, state,
                           dict(meta, epoch=1, phase=2))
     return run_dir
 

@@ -75,8 +75,8 @@ def test_apgd_checkpoints_follow_the_paper():
 
 def test_apgd_finds_the_exact_linf_optimum_of_a_linear_classifier(linear_model, digits):
     apply, params, state = linear_model
-    w = np.asarray(params["mlp/~/linear_0"]["w"], np.float64)
-    b = np.asarray(params["mlp/~/linear_0"]["b"], np.float64)
+    w = np.asarray(params["linear"]["w"], np.float64)
+    b = np.asarray(params["linear"]["b"], np.float64)
     x, y = digits.x_test[:200], digits.y_test[:200]
     flat = x.reshape(len(x), -1).astype(np.float64)
     eps = 0.08

@@ -1,5 +1,4 @@
 """Checkpoints: round trip, restricted unpickling, old JAX pickles, atomic writes."""
-import io
 import os
 import pickle
 import subprocess
@@ -12,7 +11,9 @@ import numpy as np
 import pytest
 
 from models import get_model
-from utils import UserError, load_checkpoint, load_into_model, restricted_load, save_checkpoint
+from checkpoints import cast_to_model, check_meta, load_checkpoint, save_checkpoint
+from tests.reference_pickles import old_jax_pickle
+from utils import UserError, restricted_load
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,9 @@ def test_checkpoint_round_trips(tmp_path, model):
     path = tmp_path / "ck.pkl"
     meta = {"model": "resnet18", "width": 2, "num_classes": 10}
     save_checkpoint(path, params, params, state, meta)
-    ck = load_into_model(str(path), params, state, model="resnet18", width=2, num_classes=10)
+    ck = load_checkpoint(str(path))
+    check_meta(ck["meta"], str(path), model="resnet18", width=2, num_classes=10)
+    ck = cast_to_model(ck, str(path), params, state)
     assert ck["meta"] == meta
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ck["params"])):
         np.testing.assert_array_equal(a, b)
@@ -42,10 +45,10 @@ def test_mismatched_model_names_key_and_shapes(tmp_path, model):
     path = tmp_path / "w4.pkl"
     save_checkpoint(path, p4, p4, s4)  # no meta: the tree check must catch it
     with pytest.raises(UserError, match=r"'res_net18/~/.*' has shape \(.*\) in the file but the model expects"):
-        load_into_model(str(path), params, state)
+        cast_to_model(load_checkpoint(str(path)), str(path), params, state)
     save_checkpoint(path, p4, p4, s4, {"width": 4})
     with pytest.raises(UserError, match="width=4 but width=2"):
-        load_into_model(str(path), params, state, width=2)
+        check_meta(load_checkpoint(str(path))["meta"], str(path), width=2)
 
 
 class _Evil:
@@ -78,39 +81,9 @@ def test_corrupt_and_missing_checkpoints(tmp_path, model):
         load_checkpoint(str(text))
 
 
-def _old_jax_pickle(arrays):
-    """Bytes of a pickle as JAX 0.4 wrote jax arrays: jax._src.array._reconstruct_array(fun,
-    args, arr_state, aval_state), with fun = numpy.core.multiarray._reconstruct. Written by
-    hand with pickle opcodes' help: we pickle stand-in classes whose __reduce__ names those
-    globals, then patch the module names."""
-    class Recon:  # stands for jax._src.array._reconstruct_array
-        pass
-
-    class Arr:
-        def __init__(self, a):
-            self.a = a
-
-        def __reduce__(self):
-            fun, args, state = self.a.__reduce__()
-            return (Recon, (fun, args, state, {"weak_type": False}))
-
-    Recon.__module__, Recon.__qualname__ = "jaxsrcarray", "_reconstruct_array"
-    import types
-    fake = types.ModuleType("jaxsrcarray")
-    fake._reconstruct_array = Recon
-    sys.modules["jaxsrcarray"] = fake
-    try:
-        raw = pickle.dumps({k: Arr(v) for k, v in arrays.items()}, protocol=2)
-    finally:
-        del sys.modules["jaxsrcarray"]
-    raw = raw.replace(b"jaxsrcarray", b"jax._src.array")
-    # numpy 2 pickles name numpy._core; JAX-0.4-era files name numpy.core
-    return raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-
-
 def test_reads_jax_04_era_pickles_without_jax_internals(tmp_path):
     a = np.arange(12, dtype=np.float32).reshape(3, 4)
-    raw = _old_jax_pickle({"w": a})
+    raw = old_jax_pickle({"w": a})
     assert b"jax._src.array\n_reconstruct_array" in raw and b"numpy.core.multiarray" in raw
     path = tmp_path / "old.pkl"
     path.write_bytes(raw)
@@ -125,13 +98,13 @@ def test_interrupted_write_keeps_previous_checkpoint(tmp_path, model):
     before = path.read_bytes()
     # A child process starts writing a large checkpoint and is killed -9 mid-write.
     code = textwrap.dedent(f"""
-        import numpy as np, os, signal, threading, utils
+        import numpy as np, os, signal, threading, checkpoints
         real = os.replace
         def slow_replace(*a):
             os.kill(os.getpid(), signal.SIGKILL)  # die after the temp file, before the rename
         os.replace = slow_replace
         big = {{"m": {{"w": np.ones((4000, 4000), np.float32)}}}}
-        utils.save_checkpoint({str(path)!r}, big, big, {{}}, {{"epoch": 2}})
+        checkpoints.save_checkpoint({str(path)!r}, big, big, {{}}, {{"epoch": 2}})
     """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == -9

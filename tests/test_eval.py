@@ -14,31 +14,10 @@ import pytest
 import data
 import eval_and_make_adv as ev
 import models
-import utils
+import checkpoints
 from tests.test_attacks import train_digits
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def random_init(init, input_shape, seed):
-    """(params, state) with init's tree, drawn with numpy: compiling Haiku's truncated-normal
-    initializers for a ResNet takes ~20 s on CPU. Weights N(0, 1/fan_in), BN scale 1, biases 0,
-    state zeros."""
-    rng = np.random.default_rng(seed)
-    shapes, state = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
-                                   jnp.zeros(input_shape, jnp.float32))
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path)
-        if "scale" in name:
-            return jnp.ones(leaf.shape, leaf.dtype)
-        if "offset" in name or name.endswith("['b']"):
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        fan_in = int(np.prod(leaf.shape[:-1]))
-        return jnp.asarray(rng.normal(size=leaf.shape) / np.sqrt(fan_in), leaf.dtype)
-
-    params = jax.tree_util.tree_map_with_path(draw, shapes)
-    return params, jax.tree_util.tree_map(lambda l: jnp.zeros(l.shape, l.dtype), state)
 
 
 def _meta(model, phase, dynamics, width=64):
@@ -55,14 +34,14 @@ def ckpts(tmp_path_factory):
     for name, seed in (("a", 0), ("b", 1)):
         _, params, state = train_digits("mlp_skinny", 150, 1e-3, seed=seed)
         paths[name] = str(root / name / "parameters_final.pkl")
-        utils.save_checkpoint(paths[name], params, params, state, _meta("mlp_skinny", 1, "standard"))
+        checkpoints.save_checkpoint(paths[name], params, params, state, _meta("mlp_skinny", 1, "standard"))
     ds = data.load_dataset("digits")
     init, apply = models.get_model("resnet18", 10, width=2)
-    theta0, state = random_init(init, (1, 8, 8, 1), seed=0)   # the logits layer too: not zero
+    theta0, state = models.random_variables(init, (1, 8, 8, 1), seed=0)   # the logits layer too: not zero
     _, state = jax.jit(apply, static_argnums=4)(theta0, state, None, ds.x_train[:256], True)  # BN statistics
-    theta = jax.tree_util.tree_map(lambda a, b: a + 0.3 * b, theta0, random_init(init, (1, 8, 8, 1), seed=1)[0])
+    theta = jax.tree_util.tree_map(lambda a, b: a + 0.3 * b, theta0, models.random_variables(init, (1, 8, 8, 1), seed=1)[0])
     paths["lin"] = str(root / "lin" / "parameters_final.pkl")
-    utils.save_checkpoint(paths["lin"], theta0, theta, state, _meta("resnet18", 2, "linear", width=2))
+    checkpoints.save_checkpoint(paths["lin"], theta0, theta, state, _meta("resnet18", 2, "linear", width=2))
     return paths
 
 
@@ -129,7 +108,7 @@ def test_linearized_components_are_the_logits_used(ckpts):
     res, summary, _ = _outputs(ckpts["lin"], "o", "lin")
     assert summary["dynamics"] == "linear" and summary["n_images"] == 60
     assert summary["parameters"] == "theta=lin_params, theta0=params"
-    ckpt = utils.load_checkpoint(ckpts["lin"])
+    ckpt = checkpoints.load_checkpoint(ckpts["lin"])
     _, apply = models.get_model("resnet18", 10, width=2)
     x = data.load_dataset("digits").x_test[:60]
     logits, _ = jax.jit(lambda t, t0, s, xx: models.dynamics_apply(apply, "linear", t, t0, s, xx))(
@@ -193,9 +172,9 @@ def test_readme_example_5_runs_as_written(ckpts, tmp_path):
     (a linearized+centered phase-2 file; its meta says digits, so ./data is not needed)."""
     target = tmp_path / "saved_model_loaded_centering_phase_2"
     target.mkdir()
-    ckpt = utils.load_checkpoint(ckpts["a"])
+    ckpt = checkpoints.load_checkpoint(ckpts["a"])
     theta = jax.tree_util.tree_map(lambda p: p * 1.05, ckpt["params"])
-    utils.save_checkpoint(str(target / "parameters_final.pkl"), ckpt["params"], theta, ckpt["net_state"],
+    checkpoints.save_checkpoint(str(target / "parameters_final.pkl"), ckpt["params"], theta, ckpt["net_state"],
                           _meta("mlp_skinny", 2, "centered"))
     cmd = ("python3 eval_and_make_adv.py --model_path ./saved_model_loaded_centering_phase_2/parameters_final.pkl "
            "--linear --centering --save_examples --bonus_dir test_results --random_seed 0")

@@ -33,8 +33,9 @@ def worker(out_path):
     import models
     import ntk
     import parallel
+    import checkpoints
     import run_exp
-    import utils
+    import train
 
     res, info = {}, {"devices": jax.device_count(), "parallel_devices": parallel.num_devices()}
 
@@ -53,7 +54,7 @@ def worker(out_path):
                       "--test_size", "30", "--batch_size", "16", "--standard_epochs", "1",
                       "--linear_epochs", "1", "--loaders", "AA", "--eps", "8", "--pgd_eval_steps", "3",
                       "--save_models", "--no_progress", "--save_path", tmp])
-        ckpt = utils.load_checkpoint(os.path.join(tmp, "parameters_final.pkl"))
+        ckpt = checkpoints.load_checkpoint(os.path.join(tmp, "parameters_final.pkl"))
         with open(os.path.join(tmp, "results.json")) as f:
             info["results"] = json.load(f)
         with open(os.path.join(tmp, "metrics.jsonl")) as f:
@@ -71,9 +72,9 @@ def worker(out_path):
     state = {}
 
     # One direct train step: the updated parameters stay replicated.
-    opt = utils.make_optimizer(0.1)
-    step = utils.make_train_step(apply, "standard", True, opt)
-    ts = parallel.replicate(utils.TrainState(theta0, state, opt.init(theta0), jnp.zeros((), jnp.int32)))
+    opt = train.make_optimizer(0.1)
+    step = train.make_train_step(apply, "standard", True, opt)
+    ts = parallel.replicate(train.TrainState(theta0, state, opt.init(theta0), jnp.zeros((), jnp.int32)))
     (xb, yb), _ = parallel.shard_batch((ds.x_train[:16], ds.y_train[:16]), pad=False)
     ts, _ = step(ts, theta0, xb, yb)
     info["step_params_replicated"] = all(leaf.sharding.is_fully_replicated

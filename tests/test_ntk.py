@@ -13,6 +13,7 @@ import calculate_kernel
 import data
 import models
 import ntk
+import checkpoints
 import utils
 from utils import UserError
 
@@ -153,7 +154,7 @@ def checkpoint(tmp_path_factory, digits):
     apply, theta0, theta, state = _network("resnet18", 2, x)
     meta = {"model": "resnet18", "width": 2, "num_classes": 10, "input_shape": [8, 8, 1],
             "dataset": "digits", "epoch": 0, "phase": 1, "dynamics": "standard"}
-    utils.save_checkpoint(path, theta0, theta, state, meta)
+    checkpoints.save_checkpoint(path, theta0, theta, state, meta)
     return path, apply, theta0, theta, state
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 import run_exp
+import checkpoints
+import train as training
 import utils
 from utils import UserError
 
@@ -44,7 +46,7 @@ def cli(*argv, cwd=ROOT, prelude=""):
 
 
 def ckpt(path):
-    return utils.load_checkpoint(str(path))
+    return checkpoints.load_checkpoint(str(path))
 
 
 def leaves(tree):
@@ -188,10 +190,26 @@ def test_phase2_trains_in_each_dynamics(flags, dynamics, tmp_path):
     assert results(tmp_path)["standard_second"] is standard_second
     final = ckpt(tmp_path / "parameters_final.pkl")
     assert final["meta"]["dynamics"] == dynamics and final["meta"]["centering"] == ("--centering" in flags)
-    assert same(final["params"], ckpt(tmp_path / "parameters_checkpoint_1.pkl")["params"])  # theta0
-    assert same(final["lin_params"], ckpt(tmp_path / "parameters_checkpoint_linear_1.pkl")["lin_params"])
-    assert not same(final["lin_params"], ckpt(tmp_path / "parameters_checkpoint_linear_0.pkl")["lin_params"])
-    assert not same(final["lin_params"], final["params"]) and finite(final["lin_params"])
+    # The reference's layout: linearized/centered keep theta0 in 'params' and the trained theta in
+    # 'lin_params'; --do_standard_second trains 'params' and keeps the copy theta0 in 'lin_params'.
+    trained_key, theta0_key = ("params", "lin_params") if standard_second else ("lin_params", "params")
+    theta0 = ckpt(tmp_path / "parameters_checkpoint_1.pkl")["params"]  # the phase-1 result
+    assert same(final[theta0_key], theta0)
+    for e in (0, 1):  # the per-epoch phase-2 files follow the same rule
+        assert same(ckpt(tmp_path / f"parameters_checkpoint_linear_{e}.pkl")[theta0_key], theta0)
+    assert same(final[trained_key], ckpt(tmp_path / "parameters_checkpoint_linear_1.pkl")[trained_key])
+    assert not same(final[trained_key], ckpt(tmp_path / "parameters_checkpoint_linear_0.pkl")[trained_key])
+    assert not same(final[trained_key], theta0) and finite(final[trained_key])
+
+
+def test_phase1_only_final_checkpoint_holds_the_trained_parameters_twice(tmp_path):
+    """As the reference, which copies theta into lin_params before phase 2 whether or not it runs."""
+    train(tmp_path, *MLP, "--standard_epochs", "2", "--linear_epochs", "0", "--constant_save", "--save_models",
+          "--skip_first_test")
+    final, last, init = (ckpt(tmp_path / f"parameters_{n}.pkl") for n in ("final", "checkpoint_2", "checkpoint_0"))
+    assert same(final["params"], last["params"]) and same(final["lin_params"], last["params"])
+    assert not same(final["lin_params"], init["params"])
+    assert final["meta"]["phase"] == 1 and final["meta"]["dynamics"] == "standard"
 
 
 def test_resnet_batchnorm_moves_in_phase_1_and_is_frozen_in_phase_2(resnet_run):
@@ -355,7 +373,7 @@ def test_kill_9_during_checkpoint_saves_leaves_no_partial_pkl(tmp_path):
         w = np.arange(4_000_000, dtype=np.float32).reshape(2000, 2000)
         print("ready", flush=True)
         for i in range(10 ** 9):
-            utils.save_checkpoint({str(tmp_path)!r} + f"/ck_{{i % 3}}.pkl", {{"m": {{"w": w}}}}, {{"m": {{"w": w}}}},
+            checkpoints.save_checkpoint({str(tmp_path)!r} + f"/ck_{{i % 3}}.pkl", {{"m": {{"w": w}}}}, {{"m": {{"w": w}}}},
                                   {{}}, {{"i": i}})
     """)
     rng = random.Random(0)
@@ -411,7 +429,7 @@ def test_nan_loss_stops_naming_epoch_and_batch_and_keeps_last_good_checkpoint(tm
 def test_finite_loss_but_nan_update_never_reaches_a_checkpoint(tmp_path, monkeypatch):
     """The loss is taken before the update: a NaN update on an epoch's last batch must stop the
     run before that epoch's checkpoints are written."""
-    real, calls = utils.make_train_step, []
+    real, calls = training.make_train_step, []
 
     def nan_lr_on_4th_linear_step(apply, dynamics, is_training, optimizer):
         step = real(apply, dynamics, is_training, optimizer)
@@ -419,10 +437,10 @@ def test_finite_loss_but_nan_update_never_reaches_a_checkpoint(tmp_path, monkeyp
         def wrapped(state, theta0, x, y):
             calls.append(dynamics)
             if calls.count("linear") == 4 and dynamics == "linear":  # the last batch of epoch 0
-                state = state._replace(opt_state=utils.set_lr(state.opt_state, float("nan")))
+                state = state._replace(opt_state=training.set_lr(state.opt_state, float("nan")))
             return step(state, theta0, x, y)
         return wrapped
-    monkeypatch.setattr(utils, "make_train_step", nan_lr_on_4th_linear_step)
+    monkeypatch.setattr(training, "make_train_step", nan_lr_on_4th_linear_step)
     with pytest.raises(UserError, match=r"non-finite parameters or optimizer state in phase 2, epoch 0, batch 3"):
         train(tmp_path, *MLP, "--standard_epochs", "1", "--linear_epochs", "2", "--constant_save_linear")
     assert not [p for p in os.listdir(tmp_path) if "linear" in p]
@@ -448,7 +466,7 @@ def _bad_checkpoints(d, mlp_run, resnet_run):
     for name, (p, meta) in {"classes_meta": (p100, {**good["meta"], "num_classes": 100}),
                             "classes_nometa": (p100, None)}.items():
         paths[name] = os.path.join(d, f"{name}.pkl")
-        utils.save_checkpoint(paths[name], p, p, s100, None if meta is None else {k: v for k, v in meta.items()
+        checkpoints.save_checkpoint(paths[name], p, p, s100, None if meta is None else {k: v for k, v in meta.items()
                                                                                   if k != "dataset"})
     paths["evil"] = os.path.join(d, "evil.pkl")
     with open(paths["evil"], "wb") as f:
@@ -475,7 +493,7 @@ BAD = {  # id: (flags, the exact error line; {d} is a scratch dir, {run} the exi
     "base-other-classes": (["--base_model_path", "{classes_meta}"],
                            "{classes_meta} was saved with num_classes=100 but num_classes=10 was requested"),
     "base-other-classes-no-meta": (["--base_model_path", "{classes_nometa}"],
-                                   "{classes_nometa} ['params'] does not fit the model: 'mlp/~/linear_2/b' has "
+                                   "{classes_nometa} ['params'] does not fit the model: 'linear_2/b' has "
                                    "shape (100,) in the file but the model expects (10,)"),
     "base-hostile-pickle": (["--base_model_path", "{evil}"],
                             "{evil} is not a safe pickle: refusing to load global 'posix.system'"),

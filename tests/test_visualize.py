@@ -14,6 +14,7 @@ import pytest
 
 import data
 import models
+import checkpoints
 import utils
 import visualize_ntk_features as viz
 from utils import UserError
@@ -43,7 +44,7 @@ def _perturbed_checkpoint(path, model, width, key=0):
     _, state = apply(params, state, None, x, True)
     meta = {"model": model, "width": width, "num_classes": 10, "input_shape": [8, 8, 1],
             "dataset": "digits", "epoch": 0, "phase": 1, "dynamics": "standard"}
-    utils.save_checkpoint(path, params, params, state, meta)
+    checkpoints.save_checkpoint(path, params, params, state, meta)
     return apply, params, state
 
 

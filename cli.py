@@ -1,0 +1,129 @@
+"""The shared command-line vocabulary: names, defaults, flags and file names used by more than one
+script. Ground floor: it imports nothing that loads JAX, so every script's `--help` is instant,
+and engines may take their names and defaults from here.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import data
+
+MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear")
+DATASETS = data.DATASETS
+# GiB of per-image gradient rows the NTK engine may hold at once (ntk.empirical_ntk).
+DEFAULT_MEMORY_GB = 4.0
+NTK_METHODS = ("auto", "direct", "structured", "jacobian")   # ntk.py
+# The reference's L2 evaluation attack (run_exp.py's test): radius 0.25, step 0.01, in pixels.
+L2_EPS = 0.25
+L2_STEP_SIZE = 0.01
+ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "ensemble")   # attacks.py
+NORMS = ("linf", "l2")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown once, and only where there is one (not "(default: None)" on required
+    flags); descriptions and epilogs keep their line breaks, so examples stay readable."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def parser(description, examples, **kw):
+    """An ArgumentParser whose --help ends with the usage `examples` (a list of command lines)."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    return argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter, **kw)
+
+
+def dynamics_name(linear, centering):
+    """The reference's (--linear or not, --centering) flags as a name of models.DYNAMICS."""
+    if linear:
+        return "centered" if centering else "linear"
+    return "standard_centered" if centering else "standard"
+
+
+def eps_from_255(eps_255):
+    """An L-inf radius given in 1/255 units (the reference's --eps), in pixel units."""
+    return eps_255 / 255.0
+
+
+# --------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------
+def add_network_args(p, *, dataset_default=None, from_checkpoint=True):
+    """--model, --width, --dataset, --data_dir. With `from_checkpoint`, a flag left unset is
+    taken from the checkpoint's meta, and a flag that contradicts it is an error."""
+    source = "the checkpoint's, else " if from_checkpoint else ""
+    p.add_argument("--model", default=None, choices=MODELS,
+                   help=f"network (default: {source}resnet18)")
+    p.add_argument("--width", type=int, default=None,
+                   help=f"ResNet channel width w: groups have w, 2w, 4w, 8w channels (default: {source}64)")
+    dataset_help = "dataset; digits is scikit-learn's bundled 8x8 set and needs no download"
+    if dataset_default is None:
+        dataset_help += f" (default: {source}cifar10)"
+    p.add_argument("--dataset", default=dataset_default, choices=DATASETS, help=dataset_help)
+    p.add_argument("--data_dir", default="./data",
+                   help="folder holding (or receiving) the CIFAR files in torchvision's layout")
+
+
+def add_class_index(p, default=-1, help_extra=""):
+    p.add_argument("--class_index", type=int, default=default,
+                   help="logit c whose kernel <grad f_c(x), grad f_c(x')> is used; -1: the mean over all "
+                        "logits of those kernels (neural-tangents' trace / C)" + help_extra)
+
+
+def check_class_index(class_index, num_classes, dataset, flag="--class_index"):
+    if not -1 <= class_index < num_classes:
+        from utils import UserError
+        raise UserError(f"{flag} {class_index} is out of range: use -1 or a class of {dataset} "
+                        f"(0..{num_classes - 1})")
+
+
+def add_memory_gb(p):
+    p.add_argument("--memory_gb", type=float, default=DEFAULT_MEMORY_GB,
+                   help="memory budget (GiB) for the gradients the NTK engine holds at once; the kernel does "
+                        "not depend on it, only the time (a smaller budget recomputes more gradients)")
+
+
+def add_attack_args(p):
+    """Add the evaluation-attack options shared by run_exp.py and eval_and_make_adv.py:
+    --attack, --restarts, --n_target_classes."""
+    p.add_argument("--attack", default="pgd", choices=ATTACKS,
+                   help="evaluation attack: 'pgd' (the reference's PGD on cross-entropy, fixed "
+                        "step), 'apgd-ce' (Auto-PGD on cross-entropy, Croce & Hein 2020), "
+                        "'apgd-dlr' (Auto-PGD on the targeted DLR loss, one run per target class), "
+                        "'ensemble' (pgd, apgd-ce, then apgd-dlr; robust only if an example "
+                        "survives all, with a per-attack breakdown).")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="random restarts of each attack (per target class for apgd-dlr); an "
+                        "example counts as robust only if it survives every restart.")
+    p.add_argument("--n_target_classes", type=int, default=9,
+                   help="target classes of apgd-dlr: the top-k other classes of the clean logits "
+                        "(capped at the number of classes - 1).")
+
+
+def add_no_progress(p):
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
+
+
+# --------------------------------------------------------------------------------------
+# File names
+# --------------------------------------------------------------------------------------
+def class_suffix(class_index, n):
+    """`_class_{c}_{n}`, or `_{n}` for the mean over logits (class -1): the reference's names."""
+    return f"_class_{class_index}_{n}" if class_index != -1 else f"_{n}"
+
+
+def output_dir(model_path, bonus_dir):
+    """Where a script writes what it makes of a checkpoint: dirname(model_path)/bonus_dir."""
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(model_path)), bonus_dir))
+
+
+def eval_files(out_dir, save_name):
+    """eval_and_make_adv.py's outputs: results pickle, JSON summary, adversarial examples."""
+    return {"results": os.path.join(out_dir, f"test_results_{save_name}.pkl"),
+            "summary": os.path.join(out_dir, f"test_results_{save_name}.json"),
+            "examples": os.path.join(out_dir, f"adv_examples_{save_name}.pkl")}
