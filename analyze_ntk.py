@@ -32,7 +32,6 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import re
@@ -78,16 +77,25 @@ def _add_predictor(p):
     p.add_argument("--batch_size", type=int, default=50, help="test images per attack batch")
 
 
+EXAMPLES = {
+    "dynamics": "python analyze_ntk.py dynamics --runs runs/phase1_CC runs/phase1_AC --labels CC AC "
+                "--dataset_size 200 --out_dir runs/dynamics",
+    "features": "python analyze_ntk.py features --model_path runs/phase1_AC/parameters_final.pkl --eps 16 "
+                "--out_dir runs/features_AC",
+    "attack": "python analyze_ntk.py attack --model_path runs/phase1_CC/parameters_final.pkl --method pgd "
+              "--eps 16 --steps 10",
+}
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
-        description="Tsilivis & Kempe analyses of empirical NTKs: kernel motion across checkpoints "
-                    "(dynamics), eigen-feature usefulness/robustness (features), training-free "
-                    "kernel-predictor attacks (attack).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.parser("Tsilivis & Kempe analyses of empirical NTKs: kernel motion across checkpoints "
+                   "(dynamics), eigen-feature usefulness/robustness (features), training-free "
+                   "kernel-predictor attacks (attack). Each subcommand has its own flags: "
+                   "python analyze_ntk.py SUBCOMMAND --help lists them.", list(EXAMPLES.values()))
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("dynamics", help="kernel motion across the checkpoints of one or more runs",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = sub.add_parser("dynamics", help="kernel motion across the checkpoints of one or more runs", description="kernel motion across the checkpoints of one or more runs",
+                       epilog=f"example:\n  {EXAMPLES['dynamics']}", formatter_class=cli.HelpFormatter)
     d.add_argument("--runs", nargs="+", default=None,
                    help="run directories holding parameters_checkpoint_{epoch}.pkl (run_exp.py --constant_save)")
     d.add_argument("--kernel_files", nargs="+", action="append", default=None,
@@ -99,16 +107,16 @@ def build_parser():
     d.add_argument("--k", type=int, default=10, help="size of the top-k and bottom-k eigenspaces")
     _add_common(d)
 
-    f = sub.add_parser("features", help="usefulness and robustness of the NTK eigen-features",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    f = sub.add_parser("features", help="usefulness and robustness of the NTK eigen-features", description="usefulness and robustness of the NTK eigen-features",
+                       epilog=f"example:\n  {EXAMPLES['features']}", formatter_class=cli.HelpFormatter)
     _add_predictor(f)
     f.add_argument("--n_features", type=int, default=20, help="leading eigen-indices analysed (0 .. n_features-1)")
     f.add_argument("--n_tail", type=int, default=10,
                    help="further eigen-indices, log-spaced from n_features to the last (smallest eigenvalue)")
     _add_common(f)
 
-    a = sub.add_parser("attack", help="FGSM/PGD adversarial examples of the kernel predictor",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = sub.add_parser("attack", help="FGSM/PGD adversarial examples of the kernel predictor", description="FGSM/PGD adversarial examples of the kernel predictor",
+                       epilog=f"example:\n  {EXAMPLES['attack']}", formatter_class=cli.HelpFormatter)
     _add_predictor(a)
     a.add_argument("--method", default="pgd", choices=("fgsm", "pgd"), help="attack")
     a.add_argument("--save_name", default="ntk", help="outputs: adv_examples_{save_name}.pkl, ntk_attack_{save_name}.json")

@@ -206,11 +206,11 @@ def make_rows_fn(f, classes, layers):
         return [leaf.reshape(b, -1) for leaf in leaves]
 
     if not layers:
-        def single(params, x):
+        def logits_of_one(params, x):
             return f(params, x[None])[0][classes]
 
         def rows(params, x):
-            jac = jax.vmap(jax.jacrev(single), (None, 0))(params, x)  # leaves [b, k, ...]
+            jac = jax.vmap(jax.jacrev(logits_of_one), (None, 0))(params, x)  # leaves [b, k, ...]
             return jnp.concatenate(flat(jac, x.shape[0]), 1), ()
         return rows
 
@@ -397,49 +397,72 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     x1 = np.asarray(x1, np.float32)
     symmetric = x2 is None
     x_panel = x1 if symmetric else np.asarray(x2, np.float32)
-    n1, n2 = len(x1), len(x_panel)
     input_shape = x1.shape[1:]
     if not symmetric and x_panel.shape[1:] != input_shape:
         raise ValueError(f"x1 images are {input_shape} but x2 images are {x_panel.shape[1:]}")
     params = parallel.replicate(jax.tree_util.tree_map(jnp.asarray, params))
     num_classes = _num_classes(f, params, input_shape)
     classes = classes_of(class_index, num_classes)
-    plan = make_plan(f, params, input_shape, num_classes, class_index, memory_gb, method, n=max(n1, n2),
-                     devices=parallel.num_devices())
+    plan = make_plan(f, params, input_shape, num_classes, class_index, memory_gb, method,
+                     n=max(len(x1), len(x_panel)), devices=parallel.num_devices())
     rows_fn, put, gram_fn = _jitted(f, classes, plan.layers)
-    m, b, pc = plan.chunk, plan.block, plan.panel_blocks
-    c1, c2 = -(-n1 // b), -(-n2 // b)
-    spent = {"gradients": 0.0, "contractions": 0.0, "example_gradients": 0}
+    rows = _BlockRows(rows_fn, put, params, plan.chunk, plan.block)
+    kernel, total, panels, contraction_seconds = _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress)
+    kernel /= plan.k
+    if stats is not None:
+        stats.update(method=plan.method, k=plan.k, chunk=plan.chunk, block=plan.block,
+                     panel_blocks=plan.panel_blocks, panels=panels, devices=parallel.num_devices(),
+                     row_floats=plan.row_floats, block_evaluations=total, example_gradients=rows.examples,
+                     structured_layers=[l.name for l in plan.layers if l.structured],
+                     direct_layers=[l.name for l in plan.layers if not l.structured],
+                     gradient_seconds=rows.seconds, contraction_seconds=contraction_seconds,
+                     seconds=time.time() - t0)
+    return kernel
 
-    def rows_of(x, i):
-        """The rows of block i of x, computed m examples at a time; rows past the end of x stay
-        zero (they are dropped)."""
+
+class _BlockRows:
+    """The gradient rows of block i of an image array, computed `chunk` images at a time, with
+    the gradient seconds and the number of image gradients spent so far."""
+
+    def __init__(self, rows_fn, put, params, chunk, block):
+        self.rows_fn, self.put, self.params, self.chunk, self.block = rows_fn, put, params, chunk, block
+        self.seconds, self.examples = 0.0, 0
+
+    def __call__(self, x, i):
+        """Rows past the end of x stay zero (they are dropped)."""
+        m, b = self.chunk, self.block
         lo, hi = i * b, min(len(x), (i + 1) * b)
         block = None
         for s in range(lo, hi, m):
             xb = x[s:s + m]
-            spent["example_gradients"] += len(xb)
+            self.examples += len(xb)
             if len(xb) < m:  # pad to one compiled shape; the padded rows are dropped
                 xb = np.concatenate([xb, np.repeat(xb[:1], m - len(xb), 0)])
             t = time.time()
-            rows = rows_fn(params, parallel.shard_batch(xb)[0])
+            rows = self.rows_fn(self.params, parallel.shard_batch(xb)[0])
             if m == b:
                 block = rows
             else:
                 if block is None:
                     block = jax.tree_util.tree_map(
                         lambda r: jnp.zeros((b,) + r.shape[1:], r.dtype, device=r.sharding), rows)
-                block = put(block, rows, s - lo)
+                block = self.put(block, rows, s - lo)
             jax.block_until_ready(block)
-            spent["gradients"] += time.time() - t
+            self.seconds += time.time() - t
         return block
 
+
+def _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress):
+    """K (unnormalised, float64 [n1, n2]) by the panel schedule of `empirical_ntk`. Returns
+    (K, block evaluations, panels, contraction seconds)."""
+    n1, n2, b, pc = len(x1), len(x_panel), plan.block, plan.panel_blocks
+    c1, c2 = -(-n1 // b), -(-n2 // b)
     panels = range(0, c2, pc)
     if symmetric:  # panel p streams the blocks from its own start
         total = sum(c1 - p0 for p0 in panels)
     else:  # panel p computes its own blocks, then streams all of x1
         total = sum(min(pc, c2 - p0) + c1 for p0 in panels)
-    kernel = np.zeros((n1, n2), np.float64)
+    kernel, seconds = np.zeros((n1, n2), np.float64), 0.0
     with jax.default_matmul_precision("highest"), \
             tqdm(total=total, desc="NTK gradients", unit="block", disable=not progress) as bar:
         for p0 in panels:
@@ -447,19 +470,19 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
             p_end = min(c2, p0 + pc)
             if not symmetric:
                 for j in range(p0, p_end):
-                    held.append(rows_of(x_panel, j))
+                    held.append(rows(x_panel, j))
                     bar.update(1)
             for i in range(p0 if symmetric else 0, c1):
-                rows = rows_of(x1, i)
+                rows_i = rows(x1, i)
                 if symmetric and i < p_end:  # a block of this panel: hold it, pair it with those before
-                    held.append(rows)
+                    held.append(rows_i)
                 r_lo, r_hi = i * b, min(n1, (i + 1) * b)
                 for j, held_rows in enumerate(held, p0):
                     c_lo, c_hi = j * b, min(n2, (j + 1) * b)
                     t = time.time()
-                    block = np.asarray(parallel.to_host(gram_fn(rows, held_rows)), np.float64)
+                    block = np.asarray(parallel.to_host(gram_fn(rows_i, held_rows)), np.float64)
                     block = block[:r_hi - r_lo, :c_hi - c_lo]
-                    spent["contractions"] += time.time() - t
+                    seconds += time.time() - t
                     kernel[r_lo:r_hi, c_lo:c_hi] = block
                     if symmetric:
                         kernel[c_lo:c_hi, r_lo:r_hi] = block.T
@@ -467,16 +490,7 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
             del held
     if symmetric:  # the diagonal blocks were written twice; make them exactly symmetric
         kernel = 0.5 * (kernel + kernel.T)
-    kernel /= plan.k
-    if stats is not None:
-        stats.update(method=plan.method, k=plan.k, chunk=m, block=b, panel_blocks=pc, panels=len(panels),
-                     devices=parallel.num_devices(), row_floats=plan.row_floats, block_evaluations=total,
-                     example_gradients=spent["example_gradients"],
-                     structured_layers=[l.name for l in plan.layers if l.structured],
-                     direct_layers=[l.name for l in plan.layers if not l.structured],
-                     gradient_seconds=spent["gradients"], contraction_seconds=spent["contractions"],
-                     seconds=time.time() - t0)
-    return kernel
+    return kernel, total, len(panels), seconds
 
 
 def ntk_cross(f, params, x, x_ref, class_index=None):

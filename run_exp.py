@@ -189,82 +189,86 @@ class Run:
             self._steps[key] = make_predict(self.apply, dynamics)
         return self._steps[key]
 
-    # ---------------------------------------------------------------------------------
-    def batch_update(self, state, theta0, xb, yb, dynamics, is_training, attack_key):
-        """One clean step, and with `attack_key` (adversarial loader), as the reference: PGD
-        against the just-updated model (BatchNorm in inference mode), then a second step on
-        those examples. Returns (state, [metrics of each step])."""
-        from attacks import pgd
-        step = self.train_step(dynamics, is_training)
-        state, m = step(state, theta0, xb, yb)
-        outs = [m]
-        if attack_key is not None:
-            x_adv = pgd(self.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, attack_key,
-                        self.eps, 2 * self.eps / 20, steps=20)
-            state, m = step(state, theta0, x_adv, yb)
-            outs.append(m)
-        return state, outs
 
-    def train_epoch(self, state, theta0, phase, epoch, dynamics, is_training, adversarial, on_batch=None):
-        """One epoch over the training set. Returns (state, {'loss', 'acc'})."""
-        import jax
-        from tqdm import tqdm
+# --------------------------------------------------------------------------------------
+# One epoch, one evaluation
+# --------------------------------------------------------------------------------------
+def batch_update(r, state, theta0, xb, yb, dynamics, is_training, attack_key):
+    """One clean step, and with `attack_key` (adversarial loader), as the reference: PGD
+    against the just-updated model (BatchNorm in inference mode), then a second step on
+    those examples. Returns (state, [metrics of each step])."""
+    from attacks import pgd
+    step = r.train_step(dynamics, is_training)
+    state, m = step(state, theta0, xb, yb)
+    outs = [m]
+    if attack_key is not None:
+        x_adv = pgd(r.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, attack_key,
+                    r.eps, 2 * r.eps / 20, steps=20)
+        state, m = step(state, theta0, x_adv, yb)
+        outs.append(m)
+    return state, outs
 
-        import parallel
-        from data import batches, num_batches
+def train_epoch(r, state, theta0, phase, epoch, dynamics, is_training, adversarial, on_batch=None):
+    """One epoch over the training set. Returns (state, {'loss', 'acc'})."""
+    import jax
+    from tqdm import tqdm
 
-        state, theta0 = parallel.replicate((state, theta0))  # no-op with one device
-        n_batches = num_batches(len(self.x_train), self.args.batch_size)
-        attack_key = jax.random.fold_in(jax.random.fold_in(self.key, 1000 + phase), epoch)
-        tot_loss, tot_correct, seen = 0.0, 0, 0
-        bar = tqdm(total=n_batches, desc=f"phase {phase} epoch {epoch}{' (adv)' if adversarial else ''}",
-                   leave=False, disable=self.args.no_progress or None, dynamic_ncols=True)
-        for i, (xb, yb) in enumerate(batches(self.x_train, self.y_train, self.args.batch_size,
-                                            epoch_seed(self.args.random_seed, phase, epoch))):
-            # Split over the devices (if several); a batch that does not divide is replicated,
-            # never padded, so every step sees exactly its real examples (parallel.py).
-            (xb, yb), _ = parallel.shard_batch((xb, yb), pad=False)
-            state, outs = self.batch_update(state, theta0, xb, yb, dynamics, is_training,
-                                            jax.random.fold_in(attack_key, i) if adversarial else None)
-            loss = float(np.mean([float(o["loss"]) for o in outs]))
-            # The loss is taken before each update, so the updated state is checked as well:
-            # nothing non-finite may reach a checkpoint (the fractional ones are saved below).
-            if not np.isfinite(loss) or not all(bool(o["finite"]) for o in outs):
-                what = f"loss ({loss})" if not np.isfinite(loss) else "parameters or optimizer state"
-                raise UserError(f"non-finite {what} in phase {phase}, epoch {epoch}, batch {i}: "
-                                f"stopped before saving it; the checkpoints already in {self.args.save_path} are kept")
-            tot_loss += loss * len(yb)
-            tot_correct += int(outs[-1]["correct"])
-            seen += len(yb)
-            bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.3f}")
-            bar.update()
-            if on_batch is not None:
-                on_batch(i, n_batches, state)
-        bar.close()
-        return state, {"loss": tot_loss / seen, "acc": tot_correct / seen}
+    import parallel
+    from data import batches, num_batches
 
-    def evaluate(self, name, dynamics, theta, theta0, net_state):
-        """Clean, L-inf PGD and L2 PGD accuracy on the test set (fractions in [0, 1])."""
-        import jax
-        from tqdm import tqdm
+    state, theta0 = parallel.replicate((state, theta0))  # no-op with one device
+    n_batches = num_batches(len(r.x_train), r.args.batch_size)
+    attack_key = jax.random.fold_in(jax.random.fold_in(r.key, 1000 + phase), epoch)
+    tot_loss, tot_correct, seen = 0.0, 0, 0
+    bar = tqdm(total=n_batches, desc=f"phase {phase} epoch {epoch}{' (adv)' if adversarial else ''}",
+               leave=False, disable=r.args.no_progress or None, dynamic_ncols=True)
+    for i, (xb, yb) in enumerate(batches(r.x_train, r.y_train, r.args.batch_size,
+                                        epoch_seed(r.args.random_seed, phase, epoch))):
+        # Split over the devices (if several); a batch that does not divide is replicated,
+        # never padded, so every step sees exactly its real examples (parallel.py).
+        (xb, yb), _ = parallel.shard_batch((xb, yb), pad=False)
+        state, outs = batch_update(r, state, theta0, xb, yb, dynamics, is_training,
+                                        jax.random.fold_in(attack_key, i) if adversarial else None)
+        loss = float(np.mean([float(o["loss"]) for o in outs]))
+        # The loss is taken before each update, so the updated state is checked as well:
+        # nothing non-finite may reach a checkpoint (the fractional ones are saved below).
+        if not np.isfinite(loss) or not all(bool(o["finite"]) for o in outs):
+            what = f"loss ({loss})" if not np.isfinite(loss) else "parameters or optimizer state"
+            raise UserError(f"non-finite {what} in phase {phase}, epoch {epoch}, batch {i}: "
+                            f"stopped before saving it; the checkpoints already in {r.args.save_path} are kept")
+        tot_loss += loss * len(yb)
+        tot_correct += int(outs[-1]["correct"])
+        seen += len(yb)
+        bar.set_postfix(loss=f"{tot_loss / seen:.4f}", acc=f"{tot_correct / seen:.3f}")
+        bar.update()
+        if on_batch is not None:
+            on_batch(i, n_batches, state)
+    bar.close()
+    return state, {"loss": tot_loss / seen, "acc": tot_correct / seen}
 
-        import attacks
-        steps = self.args.pgd_eval_steps
-        configs = {"linf": attacks.attack_from_args(self.args, "linf", self.eps, steps),
-                   "l2": attacks.attack_from_args(self.args, "l2", cli.L2_EPS, steps, step_size=cli.L2_STEP_SIZE)}
-        out, details = {}, {}
-        for i, (norm, cfg) in enumerate(configs.items()):
-            with tqdm(total=len(self.x_test), desc=f"eval {name} {norm}", leave=False,
-                      disable=self.args.no_progress or None) as bar:
-                r = attacks.evaluate(self.predict(dynamics), (theta, theta0, net_state), self.x_test, self.y_test,
-                                     batch_size=100, attack=cfg, key=jax.random.fold_in(self.key, 2000 + i),
-                                     progress=bar)
-            out["clean"] = r["acc_clean"]
-            out[norm] = r["acc_adv"]
-            details[norm] = {**cfg.describe(), "n": r["n"], "warnings": r.get("warnings", [])}
-        self.metrics.write(event="eval", phase=name, dynamics=dynamics, **out, attacks=details)
-        print(f"[{name}] dynamics={dynamics} clean={out['clean']:.4f} linf={out['linf']:.4f} l2={out['l2']:.4f}")
-        return out
+def evaluate(r, name, dynamics, theta, theta0, net_state):
+    """Clean, L-inf PGD and L2 PGD accuracy on the test set (fractions in [0, 1])."""
+    import jax
+    from tqdm import tqdm
+
+    import attacks
+    steps = r.args.pgd_eval_steps
+    configs = {"linf": attacks.attack_from_args(r.args, "linf", r.eps, steps),
+               "l2": attacks.attack_from_args(r.args, "l2", cli.L2_EPS, steps, step_size=cli.L2_STEP_SIZE)}
+    out, details = {}, {}
+    for i, (norm, cfg) in enumerate(configs.items()):
+        with tqdm(total=len(r.x_test), desc=f"eval {name} {norm}", leave=False,
+                  disable=r.args.no_progress or None) as bar:
+            res = attacks.evaluate(r.predict(dynamics), (theta, theta0, net_state), r.x_test, r.y_test,
+                                 batch_size=100, attack=cfg, key=jax.random.fold_in(r.key, 2000 + i),
+                                 progress=bar)
+        out["clean"] = res["acc_clean"]
+        out[norm] = res["acc_adv"]
+        details[norm] = {**cfg.describe(), "n": res["n"], "warnings": res.get("warnings", [])}
+    r.metrics.write(event="eval", phase=name, dynamics=dynamics, **out, attacks=details)
+    print(f"[{name}] dynamics={dynamics} clean={out['clean']:.4f} linf={out['linf']:.4f} l2={out['l2']:.4f}")
+    return out
+
 
 
 # --------------------------------------------------------------------------------------
@@ -364,7 +368,7 @@ def run_phase1(r, state, progress):
                     done.add(frac)
 
         t0 = time.time()
-        state, m = r.train_epoch(state, state.params, 1, epoch, "standard", True, adversarial, on_batch)
+        state, m = train_epoch(r, state, state.params, 1, epoch, "standard", True, adversarial, on_batch)
         r.metrics.write(event="epoch", phase=1, epoch=epoch, lr=train.get_lr(state.opt_state),
                         adversarial=adversarial, seconds=time.time() - t0, **m)
         print(f"phase 1 epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}{' (adversarial)' if adversarial else ''}")
@@ -373,7 +377,7 @@ def run_phase1(r, state, progress):
     if n_epochs > 0:
         save(f"parameters_checkpoint_{n_epochs}.pkl", state, n_epochs)
     if not a.skip_first_test:
-        progress["results"]["standard"] = r.evaluate("phase 1", "standard", state.params, state.params,
+        progress["results"]["standard"] = evaluate(r, "phase 1", "standard", state.params, state.params,
                                                      state.net_state)
     # Phase 2 starts from here: theta0 is the phase-1 result, theta starts as its copy.
     theta0 = state.params
@@ -392,7 +396,7 @@ def run_phase2(r, state, theta0, progress):
     for epoch in range(progress["epoch"], a.linear_epochs):
         adversarial = loader_is_adversarial(a.loaders[1], epoch, a.flip_epoch)
         t0 = time.time()
-        state, m = r.train_epoch(state, theta0, 2, epoch, dynamics, a.loose_bn_second, adversarial)
+        state, m = train_epoch(r, state, theta0, 2, epoch, dynamics, a.loose_bn_second, adversarial)
         r.metrics.write(event="epoch", phase=2, epoch=epoch, lr=train.get_lr(state.opt_state), dynamics=dynamics,
                         adversarial=adversarial, seconds=time.time() - t0, **m)
         print(f"phase 2 ({dynamics}) epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}"
@@ -403,7 +407,7 @@ def run_phase2(r, state, theta0, progress):
         progress.update(epoch=epoch + 1)
         save_resume(r, progress, state, theta0)
     if a.linear_epochs > 0 and not a.skip_second_test:
-        progress["results"]["linear"] = r.evaluate("phase 2", dynamics, state.params, theta0, state.net_state)
+        progress["results"]["linear"] = evaluate(r, "phase 2", dynamics, state.params, theta0, state.net_state)
     return state
 
 

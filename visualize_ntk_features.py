@@ -184,6 +184,35 @@ class TangentTools(NamedTuple):
     loop: str             # 'fori' or 'host' (resolve_loop)
 
 
+def _make_direction(f, cls):
+    """direction(params, x [n,H,W,C], coef [n,k]) -> v, v[k] = sum_j coef[j, k] grad_theta
+    f_{cls[k]}(x_j): one vjp per chunk of at most _CHUNK images (one compiled shape)."""
+    import jax
+    import jax.numpy as jnp
+    k = len(cls)
+
+    @jax.jit
+    def _chunk_direction(params, x, coef):
+        _, pullback = jax.vjp(lambda p: f(p, x)[:, cls], params)  # output [b, k]
+        return _stacked_pullback(pullback, coef.astype(jnp.float32), k)
+
+    def direction(params, x, coef):
+        x = np.asarray(x, np.float32)
+        coef = np.asarray(coef, np.float32).reshape(len(x), k)
+        total = None
+        chunk = -(-len(x) // -(-len(x) // _CHUNK))  # equal chunks of at most _CHUNK images
+        for start in range(0, len(x), chunk):
+            xb, cb = x[start:start + chunk], coef[start:start + chunk]
+            pad = chunk - len(xb)  # one compiled shape for all chunks
+            if pad:
+                xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
+                cb = np.concatenate([cb, np.zeros((pad, k), cb.dtype)])  # padded images weigh 0
+            part = _chunk_direction(params, xb, cb)
+            total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
+        return total
+    return direction
+
+
 def make_tangent_fns(f, classes, loop="auto"):
     """Tangent-feature tools for the logits `f(params, x) -> [N, C]` and the classes `classes`
     (a tuple: `(c,)` for one class, all classes for the mean kernel).
@@ -208,26 +237,7 @@ def make_tangent_fns(f, classes, loop="auto"):
     k = len(classes)
     cls = np.asarray(classes)
     loop = resolve_loop(loop)
-
-    @jax.jit
-    def _chunk_direction(params, x, coef):
-        _, pullback = jax.vjp(lambda p: f(p, x)[:, cls], params)  # output [b, k]
-        return _stacked_pullback(pullback, coef.astype(jnp.float32), k)
-
-    def direction(params, x, coef):
-        x = np.asarray(x, np.float32)
-        coef = np.asarray(coef, np.float32).reshape(len(x), k)
-        total = None
-        chunk = -(-len(x) // -(-len(x) // _CHUNK))  # equal chunks of at most _CHUNK images
-        for start in range(0, len(x), chunk):
-            xb, cb = x[start:start + chunk], coef[start:start + chunk]
-            pad = chunk - len(xb)  # one compiled shape for all chunks
-            if pad:
-                xb = np.concatenate([xb, np.zeros((pad,) + xb.shape[1:], xb.dtype)])
-                cb = np.concatenate([cb, np.zeros((pad, k), cb.dtype)])  # padded images weigh 0
-            part = _chunk_direction(params, xb, cb)
-            total = part if total is None else jax.tree_util.tree_map(jnp.add, total, part)
-        return total
+    direction = _make_direction(f, cls)
 
     def cosine(params, v, x):
         # One vjp in theta gives the tangent feature g; <g, v> and ||g|| both come from it.

@@ -29,3 +29,16 @@ def test_readme_commands_are_what_ci_runs():
     with open(os.path.join(ROOT, ".ci", "run")) as f:
         ci = f.read()
     assert "pip install -q -r requirements.txt" in ci and "python -m pytest -q" in ci
+
+
+def test_every_help_is_instant_and_ends_with_examples():
+    """--help loads no JAX (the ground-floor rule of README's Layout) and shows usage examples."""
+    import subprocess
+    import flag_tables
+    for name in flag_tables.SCRIPTS:
+        code = (f"import runpy, sys\nsys.argv = ['{name}.py', '--help']\n"
+                f"try:\n    runpy.run_path('{name}.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+                "print('LOADED', sorted(m for m in ('jax', 'haiku', 'optax') if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True).stdout
+        assert "LOADED []" in out, (name, out[-300:])
+        assert "examples:\n  python" in out, name
