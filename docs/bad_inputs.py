@@ -78,7 +78,7 @@ ROWS = [
      f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --save_path run --resume --eps 8",
      "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[resume-other-flags]"),
     ("CIFAR-10 missing, no network", "run_exp.py --dataset cifar10 --data_dir nodata --no_progress",
-     "test_data.py::test_missing_cifar_offline_says_how_to_get_it"),
+     "test_download.py::test_no_server_is_a_one_line_error_saying_where_to_put_the_files"),
 ]
 
 

@@ -503,8 +503,9 @@ BAD = {  # id: (flags, the exact error line; {d} is a scratch dir, {run} the exi
     "resume-other-flags": ([*PHASE12, "--loaders", "CC", "--eps", "8", "--resume"],
                            "--resume: --eps is 8.0 but the interrupted run used 4.0"),
     "cifar-offline": (["--dataset", "cifar10", "--data_dir", "{d}/data"],
-                      "cifar10 is not in {d}/data/cifar-10-batches-py and could not be downloaded (URLError: "
-                      "<urlopen error [Errno -3] network blocked by the test>). Download "
+                      "cifar10 is not in {d}/data/cifar-10-batches-py and could not be downloaded (ConnectionError: "
+                      "HTTPSConnection(host='www.cs.toronto.edu', port=443): Failed to resolve "
+                      "'www.cs.toronto.edu' ([Errno -3] network blocked by the test)). Download "
                       "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into --data_dir "
                       "(it holds 'cifar-10-batches-py/'), or use --dataset digits, which needs no download"),
 }
