@@ -87,6 +87,11 @@ EXAMPLES = {
 }
 
 
+def _subcommand(sub, name, description):
+    return sub.add_parser(name, help=description, description=description,
+                          epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=cli.HelpFormatter)
+
+
 def build_parser():
     p = cli.parser("Tsilivis & Kempe analyses of empirical NTKs: kernel motion across checkpoints "
                    "(dynamics), eigen-feature usefulness/robustness (features), training-free "
@@ -94,8 +99,7 @@ def build_parser():
                    "python analyze_ntk.py SUBCOMMAND --help lists them.", list(EXAMPLES.values()))
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("dynamics", help="kernel motion across the checkpoints of one or more runs", description="kernel motion across the checkpoints of one or more runs",
-                       epilog=f"example:\n  {EXAMPLES['dynamics']}", formatter_class=cli.HelpFormatter)
+    d = _subcommand(sub, "dynamics", "kernel motion across the checkpoints of one or more runs")
     d.add_argument("--runs", nargs="+", default=None,
                    help="run directories holding parameters_checkpoint_{epoch}.pkl (run_exp.py --constant_save)")
     d.add_argument("--kernel_files", nargs="+", action="append", default=None,
@@ -107,16 +111,14 @@ def build_parser():
     d.add_argument("--k", type=int, default=10, help="size of the top-k and bottom-k eigenspaces")
     _add_common(d)
 
-    f = sub.add_parser("features", help="usefulness and robustness of the NTK eigen-features", description="usefulness and robustness of the NTK eigen-features",
-                       epilog=f"example:\n  {EXAMPLES['features']}", formatter_class=cli.HelpFormatter)
+    f = _subcommand(sub, "features", "usefulness and robustness of the NTK eigen-features")
     _add_predictor(f)
     f.add_argument("--n_features", type=int, default=20, help="leading eigen-indices analysed (0 .. n_features-1)")
     f.add_argument("--n_tail", type=int, default=10,
                    help="further eigen-indices, log-spaced from n_features to the last (smallest eigenvalue)")
     _add_common(f)
 
-    a = sub.add_parser("attack", help="FGSM/PGD adversarial examples of the kernel predictor", description="FGSM/PGD adversarial examples of the kernel predictor",
-                       epilog=f"example:\n  {EXAMPLES['attack']}", formatter_class=cli.HelpFormatter)
+    a = _subcommand(sub, "attack", "FGSM/PGD adversarial examples of the kernel predictor")
     _add_predictor(a)
     a.add_argument("--method", default="pgd", choices=("fgsm", "pgd"), help="attack")
     a.add_argument("--save_name", default="ntk", help="outputs: adv_examples_{save_name}.pkl, ntk_attack_{save_name}.json")

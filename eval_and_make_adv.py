@@ -149,7 +149,7 @@ def parameter_notes(meta, dynamics):
     """Warnings for an evaluation that may not be what the user meant."""
     notes = []
     trained = meta.get("dynamics")
-    if dynamics in ("linear", "centered") and meta.get("phase") == 1 and meta.get("epoch") is not None:
+    if dynamics in ("linear", "centered") and meta.get("phase") == 1:
         notes.append("this is a phase-1 checkpoint: --linear expands around the trained 'params' "
                      "towards 'lin_params' (the initial parameters in a constant save, the same "
                      "parameters in a final one)")

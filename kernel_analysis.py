@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import attacks
+
 # --------------------------------------------------------------------------------------
 # Kernel motion
 # --------------------------------------------------------------------------------------
@@ -214,9 +216,8 @@ def _xent_sum(logits_fn, weights, x, y):
 def fgsm(logits_fn, weights, x, y, eps):
     """Fast gradient sign method (Goodfellow et al., ICLR 2015) on the cross-entropy of
     `logits_fn(weights, x)`: x + eps sign(grad), clipped to [0, 1]. Returns x_adv, x's shape."""
-    from attacks import project
     g = jax.grad(_xent_sum, argnums=2)(logits_fn, weights, x, y)
-    return project(x + eps * jnp.sign(g), x, eps, "linf")
+    return attacks.project(x + eps * jnp.sign(g), x, eps, "linf")
 
 
 def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key, batch_size=None):
@@ -224,7 +225,6 @@ def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key
     the cross-entropy of a kernel predictor's outputs, in batches of `batch_size`.
 
     Returns x_adv as a numpy array, x's shape, inside the eps-ball around x and [0, 1]."""
-    import attacks
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
     weights = jnp.asarray(weights, jnp.float32)

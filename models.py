@@ -13,8 +13,9 @@ from __future__ import annotations
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cli import MODELS  # noqa: F401  (the names are command-line vocabulary: cli.py)
+from cli import MODELS  # the names are command-line vocabulary (cli.py)
 
 DYNAMICS = ("standard", "linear", "centered", "standard_centered")
 
@@ -169,7 +170,6 @@ def random_variables(init, input_shape, seed=0):
     a network with non-trivial weights fast (compiling Haiku's initializers for a ResNet-18 on a
     CPU takes ~20 s). Weights N(0, 2/fan_in) (the logits layer too, so it is not zero), BN
     scale 1, offsets and biases 0; BN statistics mean 0, variance 1."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     shapes, state_shapes = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
                                           jnp.zeros(input_shape, jnp.float32))

@@ -9,6 +9,7 @@ import optax
 import pytest
 
 import attacks
+import cli
 import data
 import models
 
@@ -182,7 +183,7 @@ def test_gradient_masking_and_robust_above_clean_are_reported(digits):
 
 def test_attack_options_build_configs():
     p = argparse.ArgumentParser()
-    attacks.add_attack_args(p)
+    cli.add_attack_args(p)
     args = p.parse_args(["--attack", "apgd-dlr", "--restarts", "2", "--n_target_classes", "4"])
     cfg = attacks.attack_from_args(args, "linf", 4 / 255, 50)
     assert (cfg.name, cfg.restarts, cfg.n_targets, cfg.steps) == ("apgd-dlr", 2, 4, 50)
