@@ -8,6 +8,7 @@ import argparse
 import os
 
 import data
+from utils import UserError
 
 MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear")
 DATASETS = data.DATASETS
@@ -77,7 +78,6 @@ def add_class_index(p, default=-1, help_extra=""):
 
 def check_class_index(class_index, num_classes, dataset, flag="--class_index"):
     if not -1 <= class_index < num_classes:
-        from utils import UserError
         raise UserError(f"{flag} {class_index} is out of range: use -1 or a class of {dataset} "
                         f"(0..{num_classes - 1})")
 
