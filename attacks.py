@@ -12,12 +12,22 @@ Attacks (`AttackConfig.name`, `--attack`):
 - `apgd-ce`:  Auto-PGD on the cross-entropy (Croce & Hein, ICML 2020).
 - `apgd-dlr`: Auto-PGD on the *targeted* DLR loss (the paper's APGD-T), run once per target:
               the top-`n_targets` other classes of the clean logits, in order.
-- `ensemble`: pgd, then apgd-ce, then apgd-dlr. An example is robust only if it survives all.
-The APGD attacks follow AutoAttack's counting: an example misclassified when clean is not
-robust (the clean image is itself a point of the eps-ball).
+- `fab-t`:    targeted FAB (Croce & Hein, ICML 2020b), a minimum-norm attack that walks to the
+              linearised decision boundary; run once per target like apgd-dlr. It succeeds
+              where the smallest adversarial point it finds lies within eps.
+- `square`:   the Square Attack (Andriushchenko et al., ECCV 2020), a random search that only
+              reads the logits (the margin), so a masked or useless gradient does not stop it.
+- `ensemble`: AutoAttack's standard version: apgd-ce, apgd-dlr, fab-t, square, each run only on
+              the examples still robust after the attacks before it (clean mistakes are never
+              attacked). The defaults are AutoAttack's: 100 iterations, 9 targets, 5000 queries.
+- `ensemble-fast`: pgd, apgd-ce, then apgd-dlr, each on every example (the three-attack
+              ensemble of earlier versions).
+An example is robust to an ensemble only if it survives every member. Every attack but pgd
+follows AutoAttack's counting: an example misclassified when clean is not robust (the clean image
+is itself a point of the eps-ball).
 
 With `restarts > 1` every attack runs again from fresh random starts, and an example counts as
-robust only if it survives every restart (and, for apgd-dlr, every target).
+robust only if it survives every restart (and, for apgd-dlr and fab-t, every target).
 
 Each attack step is one jitted function. On accelerators the steps run inside jit in a
 `lax.fori_loop`; on CPU the host dispatches the jitted step once per iteration instead, because
@@ -33,6 +43,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +53,27 @@ import parallel
 from cli import ATTACKS, L2_EPS, L2_STEP_SIZE, NORMS
 from models import dynamics_apply
 
-ENSEMBLE = ("pgd", "apgd-ce", "apgd-dlr")   # the order the ensemble runs its members in
+SINGLE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "fab-t", "square")
+ENSEMBLES = {
+    "ensemble": ("apgd-ce", "apgd-dlr", "fab-t", "square"),   # AutoAttack's standard order
+    "ensemble-fast": ("pgd", "apgd-ce", "apgd-dlr"),
+}
+assert ATTACKS == SINGLE_ATTACKS + tuple(ENSEMBLES)  # the names the flags offer (cli.ATTACKS)
+SURVIVOR_ENSEMBLES = ("ensemble",)   # members attack only the examples still robust
+GRADIENT_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "fab-t")
 APGD_MOMENTUM = 0.75   # alpha of Croce & Hein (2020), eq. (2)
 APGD_RHO = 0.75        # rho of condition 1: fraction of steps that must raise the loss
+FAB_ALPHA_MAX = 0.1    # FAB's largest weight of the step from the original image
+FAB_ETA = 1.05         # FAB's overshoot past the linearised boundary
+FAB_BETA = 0.9         # FAB's backward step towards the original image after a success
+# Square's p halves after these iterations (AutoAttack's schedule, not rescaled to the budget)
+SQUARE_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+SQUARE_CHECK_EVERY = 100   # Square stops early once every example is fooled (checked this often)
 ZERO_GRAD_WARN_FRACTION = 0.01  # warn about gradient masking above this fraction of inputs
+# Warn about gradient masking when Square, run after the gradient attacks, fools more than
+# max(SQUARE_WARN_MIN, SQUARE_WARN_FRACTION * n) examples (AutoAttack warns above 0.2%).
+SQUARE_WARN_MIN = 2
+SQUARE_WARN_FRACTION = 0.002
 
 
 def make_predict(apply, dynamics):
@@ -76,9 +104,11 @@ class AttackConfig:
     """One evaluation attack.
 
     norm: 'linf' or 'l2'; eps: radius in pixel units ([0, 1] images); step_size: PGD's fixed
-    step (APGD starts at 2*eps and adapts); steps: iterations per run; name: one of ATTACKS;
-    restarts: random restarts per attack (and per target for apgd-dlr); n_targets: target
-    classes of apgd-dlr (capped at num_classes - 1).
+    step (APGD starts at 2*eps and adapts); steps: iterations per run of pgd and apgd; name: one
+    of ATTACKS; restarts: random restarts per attack (and per target for apgd-dlr and fab-t);
+    n_targets: target classes of apgd-dlr and fab-t (capped at num_classes - 1); fab_steps:
+    iterations per run of fab-t; square_queries: queries per run of square (the initial
+    query not counted); square_p_init: Square's initial fraction of pixels per square.
     """
     norm: str = "linf"        # 'linf' or 'l2'
     eps: float = 4 / 255
@@ -87,29 +117,47 @@ class AttackConfig:
     name: str = "pgd"
     restarts: int = 1
     n_targets: int = 9
+    fab_steps: int = 100
+    square_queries: int = 5000
+    square_p_init: float = 0.8
 
     def __post_init__(self):
         if self.name not in ATTACKS:
             raise ValueError(f"unknown attack {self.name!r}; choose one of {', '.join(ATTACKS)}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
-        if self.steps < 1 or self.restarts < 1 or self.n_targets < 1:
-            raise ValueError("steps, restarts and n_targets must be >= 1")
+        if min(self.steps, self.restarts, self.n_targets, self.fab_steps, self.square_queries) < 1:
+            raise ValueError("steps, restarts, n_targets, fab_steps and square_queries must be >= 1")
+        if not 0 < self.square_p_init <= 1:
+            raise ValueError(f"square_p_init must lie in (0, 1], got {self.square_p_init}")
 
     def members(self):
-        """The single attacks this config runs, in order (one, or three for the ensemble)."""
-        names = ENSEMBLE if self.name == "ensemble" else (self.name,)
+        """The single attacks this config runs, in order (one, or an ensemble's members)."""
+        names = ENSEMBLES.get(self.name, (self.name,))
         return tuple(dataclasses.replace(self, name=n) for n in names)
 
+    @property
+    def on_survivors(self):
+        """Each member attacks only the examples still robust (AutoAttack's standard version)."""
+        return self.name in SURVIVOR_ENSEMBLES
+
     def describe(self):
+        """What runs, as a JSON-able dict (step_size is PGD's; the other settings appear when a
+        member uses them)."""
+        names = [m.name for m in self.members()]
         d = {"attack": self.name, "norm": self.norm, "eps": self.eps, "step_size": self.step_size,
              "steps": self.steps, "restarts": self.restarts}
-        if self.name in ("apgd-dlr", "ensemble"):
-            d["n_targets"] = self.n_targets
-        if self.name != "pgd":
+        if any(n.startswith("apgd") for n in names):
             d["apgd_initial_step"] = 2 * self.eps
-        if self.name == "ensemble":
-            d["members"] = list(ENSEMBLE)
+        if "apgd-dlr" in names or "fab-t" in names:
+            d["n_targets"] = self.n_targets
+        if "fab-t" in names:
+            d.update(fab_steps=self.fab_steps, fab_alpha_max=FAB_ALPHA_MAX, fab_eta=FAB_ETA, fab_beta=FAB_BETA)
+        if "square" in names:
+            d.update(square_queries=self.square_queries, square_p_init=self.square_p_init)
+        if self.name in ENSEMBLES:
+            d["members"] = names
+            d["members_attack"] = "examples still robust" if self.on_survivors else "every example"
         return d
 
 
@@ -132,7 +180,10 @@ def attack_from_args(args, norm, eps, steps, step_size=None):
     return AttackConfig(norm=norm, eps=float(eps), step_size=float(step_size), steps=int(steps),
                         name=getattr(args, "attack", "pgd") or "pgd",
                         restarts=int(getattr(args, "restarts", 1) or 1),
-                        n_targets=int(getattr(args, "n_target_classes", 9) or 9))
+                        n_targets=int(getattr(args, "n_target_classes", 9) or 9),
+                        fab_steps=int(getattr(args, "fab_steps", 100) or 100),
+                        square_queries=int(getattr(args, "square_queries", 5000) or 5000),
+                        square_p_init=float(getattr(args, "square_p_init", 0.8) or 0.8))
 
 
 # --------------------------------------------------------------------------------------
@@ -145,6 +196,17 @@ def _per_example_norm(v):
 def _bcast(mask, x):
     """A per-example [N] array shaped to broadcast against x [N, ...]."""
     return mask.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _where(mask, a, b):
+    """Per example: a where mask [N], else b."""
+    return jnp.where(_bcast(mask, a), a, b)
+
+
+def _target_class(logits, y, rank):
+    """[N] the class of rank `rank` (0 = highest) among the classes other than y in logits [N, C]."""
+    other = jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits)
+    return jnp.argsort(-other, axis=1)[:, rank]
 
 
 def project(x_adv, x0, eps, norm):
@@ -332,60 +394,67 @@ def _checkpoint_tables(steps):
     return is_check, window
 
 
-def _apgd_where(mask, a, b):
-    return jnp.where(_bcast(mask, a), a, b)
+class ApgdState(NamedTuple):
+    """APGD's loop state; every field has a leading batch axis N."""
+    x_cur: jax.Array      # [N, ...] current iterate x_k
+    x_prev: jax.Array     # [N, ...] previous iterate x_{k-1}, for the momentum term
+    g_cur: jax.Array      # [N, ...] loss gradient at x_cur
+    l_cur: jax.Array      # [N] loss at x_cur
+    x_best: jax.Array     # [N, ...] iterate of highest loss so far (restart point after a halving)
+    g_best: jax.Array     # [N, ...] loss gradient at x_best
+    l_best: jax.Array     # [N] highest loss so far
+    eta: jax.Array        # [N] step size, starts at 2 eps, halved at checkpoints
+    n_up: jax.Array       # [N] int32: steps since the last checkpoint that raised the loss (condition 1)
+    l_best_ck: jax.Array  # [N] l_best at the last checkpoint (condition 2)
+    halved_ck: jax.Array  # [N] bool: the step was halved at the last checkpoint (condition 2)
+    x_out: jax.Array      # [N, ...] first misclassified point found (the clean image if it is one)
+    fooled: jax.Array     # [N] bool: x_out is misclassified
 
 
 @functools.partial(jax.jit, static_argnames=("predict", "norm", "loss"))
 def _apgd_init(predict, variables, x, y, key, eps, target_rank, *, norm, loss):
-    """(target [N], initial loop state) of APGD."""
+    """(target [N], initial ApgdState) of APGD."""
     logits_clean = predict(variables, x)
-    other = jnp.where(jax.nn.one_hot(y, logits_clean.shape[-1], dtype=bool), -jnp.inf, logits_clean)
-    target = jnp.argsort(-other, axis=1)[:, target_rank]
+    target = _target_class(logits_clean, y, target_rank)
     x0 = random_start(key, x, eps, norm)
     l0, logits0, g0 = _loss_and_grad(predict, variables, x0, y, target, loss)
     fooled_clean = jnp.argmax(logits_clean, -1) != y
     fooled0 = jnp.argmax(logits0, -1) != y
-    x_out = _apgd_where(fooled_clean, x, _apgd_where(fooled0, x0, x))  # first misclassified point found
-    fooled = fooled_clean | fooled0
-    eta = jnp.full((x.shape[0],), 2.0 * eps, jnp.float32)
-    return target, (x0, x0, g0, l0, x0, g0, l0, eta, jnp.zeros(x.shape[0], jnp.int32), l0,
-                    jnp.zeros(x.shape[0], bool), x_out, fooled)
+    n = x.shape[0]
+    return target, ApgdState(
+        x_cur=x0, x_prev=x0, g_cur=g0, l_cur=l0, x_best=x0, g_best=g0, l_best=l0,
+        eta=jnp.full((n,), 2.0 * eps, jnp.float32), n_up=jnp.zeros(n, jnp.int32), l_best_ck=l0,
+        halved_ck=jnp.zeros(n, bool),
+        x_out=_where(fooled_clean, x, _where(fooled0, x0, x)),   # first misclassified point found
+        fooled=fooled_clean | fooled0)
 
 
-def _apgd_step(i, s, variables, x, y, target, eps, is_check, window, *, predict, norm, loss):
-    """One APGD iteration i (0-based) on the loop state s."""
-    where = _apgd_where
-    (x_cur, x_prev, g_cur, l_cur, x_best, g_best, l_best, eta, n_up, l_best_ck, halved_ck,
-     x_out, fooled) = s
+def _apgd_step(i, s: ApgdState, variables, x, y, target, eps, is_check, window, *, predict, norm, loss):
+    """One APGD iteration i (0-based): the ApgdState after it."""
     a = jnp.where(i == 0, 1.0, APGD_MOMENTUM)
-    z = project(x_cur + _bcast(eta, x_cur) * _ascent_direction(g_cur, norm), x, eps, norm)
-    x_new = project(x_cur + a * (z - x_cur) + (1.0 - a) * (x_cur - x_prev), x, eps, norm)
+    z = project(s.x_cur + _bcast(s.eta, s.x_cur) * _ascent_direction(s.g_cur, norm), x, eps, norm)
+    x_new = project(s.x_cur + a * (z - s.x_cur) + (1.0 - a) * (s.x_cur - s.x_prev), x, eps, norm)
     l_new, logits, g_new = _loss_and_grad(predict, variables, x_new, y, target, loss)
 
-    hit = (jnp.argmax(logits, -1) != y) & ~fooled   # keep the first misclassified point
-    x_out = where(hit, x_new, x_out)
-    fooled = fooled | hit
-    n_up = n_up + (l_new > l_cur)
-    better = l_new > l_best                          # keep the point of highest loss
-    x_best, g_best = where(better, x_new, x_best), where(better, g_new, g_best)
-    l_best = jnp.where(better, l_new, l_best)
-    x_prev, x_cur, g_cur, l_cur = x_cur, x_new, g_new, l_new
+    hit = (jnp.argmax(logits, -1) != y) & ~s.fooled   # keep the first misclassified point
+    better = l_new > s.l_best                          # keep the point of highest loss
+    x_best, g_best = _where(better, x_new, s.x_best), _where(better, g_new, s.g_best)
+    l_best = jnp.where(better, l_new, s.l_best)
+    n_up = s.n_up + (l_new > s.l_cur)
 
     # Checkpoint w_j: halve the step where one of the two conditions holds, and restart
     # those examples from their best point (with no momentum).
     ck = is_check[i]
     cond1 = n_up < APGD_RHO * window[i]
-    cond2 = ~halved_ck & (l_best_ck >= l_best)
+    cond2 = ~s.halved_ck & (s.l_best_ck >= l_best)
     halve = ck & (cond1 | cond2)
-    eta = jnp.where(halve, 0.5 * eta, eta)
-    x_cur, x_prev = where(halve, x_best, x_cur), where(halve, x_best, x_prev)
-    g_cur, l_cur = where(halve, g_best, g_cur), jnp.where(halve, l_best, l_cur)
-    n_up = jnp.where(ck, 0, n_up)
-    halved_ck = jnp.where(ck, halve, halved_ck)
-    l_best_ck = jnp.where(ck, l_best, l_best_ck)
-    return (x_cur, x_prev, g_cur, l_cur, x_best, g_best, l_best, eta, n_up, l_best_ck,
-            halved_ck, x_out, fooled)
+    return ApgdState(
+        x_cur=_where(halve, x_best, x_new), x_prev=_where(halve, x_best, s.x_cur),
+        g_cur=_where(halve, g_best, g_new), l_cur=jnp.where(halve, l_best, l_new),
+        x_best=x_best, g_best=g_best, l_best=l_best,
+        eta=jnp.where(halve, 0.5 * s.eta, s.eta), n_up=jnp.where(ck, 0, n_up),
+        l_best_ck=jnp.where(ck, l_best, s.l_best_ck), halved_ck=jnp.where(ck, halve, s.halved_ck),
+        x_out=_where(hit, x_new, s.x_out), fooled=s.fooled | hit)
 
 
 _APGD_STATIC = ("predict", "norm", "loss")
@@ -417,12 +486,352 @@ def apgd(predict, variables, x, y, key, eps, *, steps, norm="linf", loss="ce", t
     target, init = _apgd_init(predict, variables, x, y, key, eps, target_rank, norm=norm, loss=loss)
     s = _iterate(_apgd_step_jit, _apgd_fori, 0, steps, init, variables, x, y, target, eps, is_check, window,
                  predict=predict, norm=norm, loss=loss)
-    x_best, x_out, fooled = s[4], s[11], s[12]
-    return _apgd_where(fooled, x_out, x_best)
+    return _where(s.fooled, s.x_out, s.x_best)
 
 
 # --------------------------------------------------------------------------------------
-# Running attacks on a batch
+# FAB-T (Croce & Hein, "Minimally distorted adversarial examples with a fast adaptive
+# boundary attack", ICML 2020)
+# --------------------------------------------------------------------------------------
+def project_onto_hyperplane_box(p, w, b, norm):
+    """The smallest step d [N, ...] (in the L-inf or L2 norm) with w.(p + d) = b and p + d in
+    [0, 1], per example; p, w [N, ...], b [N]. Where no point of the box reaches the hyperplane,
+    the box corner that comes closest (every coordinate moved as far as it helps).
+
+    Flip the sign so that w.d must grow by r >= 0. Coordinate i can move by up to `room_i` in
+    the direction of sign(w_i). The L-inf optimum moves every coordinate by min(lam, room_i), the
+    L2 optimum by min(lam |w_i|, room_i) (the KKT conditions of the box-constrained least-norm
+    problem); in both, w.d = F(lam) = sum_i a_i min(lam, beta_i) is piecewise linear and
+    increasing (L-inf: a = |w|, beta = room; L2: a = w^2, beta = room / |w|), so lam is found
+    exactly from F at the sorted breakpoints beta."""
+    shape = p.shape
+    n = shape[0]
+    p, w = p.reshape(n, -1), w.reshape(n, -1)
+    r = b - jnp.sum(w * p, axis=1)
+    w = w * jnp.where(r < 0, -1.0, 1.0)[:, None]
+    r = jnp.abs(r)
+    aw = jnp.abs(w)
+    room = jnp.where(w > 0, 1.0 - p, p)
+    if norm == "linf":
+        a, beta = aw, room
+    else:
+        a, beta = aw ** 2, room / jnp.where(aw > 0, aw, 1.0)
+    beta = jnp.where(aw > 0, beta, 0.0)           # coordinates that cannot help saturate at once
+    order = jnp.argsort(beta, axis=1)
+    beta_s, a_s = jnp.take_along_axis(beta, order, 1), jnp.take_along_axis(a, order, 1)
+    zero = jnp.zeros((n, 1), a.dtype)
+    ab_below = jnp.concatenate([zero, jnp.cumsum(a_s * beta_s, 1)], 1)               # [N, D+1]
+    a_above = jnp.concatenate([jnp.cumsum(a_s[:, ::-1], 1)[:, ::-1], zero], 1)        # [N, D+1]
+    f_at_breaks = ab_below[:, 1:] + beta_s * a_above[:, 1:]                          # F(beta_k)
+    m = jnp.sum(f_at_breaks < r[:, None], axis=1)                                    # breakpoints below
+    ab_m = jnp.take_along_axis(ab_below, m[:, None], 1)[:, 0]
+    a_m = jnp.take_along_axis(a_above, m[:, None], 1)[:, 0]
+    lam = jnp.where(a_m > 0, (r - ab_m) / jnp.where(a_m > 0, a_m, 1.0), 0.0)
+    lam = jnp.where(m < a.shape[1], jnp.maximum(lam, 0.0), jnp.inf)                 # inf: unreachable
+    lam = lam[:, None]
+    move = jnp.minimum(lam, room) if norm == "linf" else jnp.minimum(lam * aw, room)
+    d = jnp.where(aw > 0, jnp.sign(w) * move, 0.0)
+    return d.reshape(shape)
+
+
+def _lp_norm(v, norm):
+    """[N] L-inf or L2 norm of each example of v [N, ...]."""
+    flat = v.reshape(v.shape[0], -1)
+    return jnp.max(jnp.abs(flat), 1) if norm == "linf" else jnp.sqrt(jnp.sum(flat ** 2, 1))
+
+
+class FabState(NamedTuple):
+    """FAB's loop state; every field has a leading batch axis N."""
+    x_cur: jax.Array   # [N, ...] current iterate
+    x_best: jax.Array  # [N, ...] misclassified point closest to x found so far (x where none)
+    dist: jax.Array    # [N] its distance to x in the attack's norm (inf where none; 0 for clean mistakes)
+
+
+@functools.partial(jax.jit, static_argnames=("predict", "norm"))
+def _fab_init(predict, variables, x, y, key, eps, target_rank, start, *, norm):
+    """(target [N], initial FabState). `start` (traced bool): a random start at radius eps / 2,
+    else the clean image itself (AutoAttack's first run)."""
+    logits = predict(variables, x)
+    target = _target_class(logits, y, target_rank)
+    if norm == "linf":
+        t = jax.random.uniform(key, x.shape, x.dtype, -1.0, 1.0)
+        t = t / _bcast(jnp.maximum(_lp_norm(t, "linf"), 1e-12), t)
+    else:
+        t = jax.random.normal(key, x.shape, x.dtype)
+        t = t / _per_example_norm(t)
+    x_cur = jnp.where(start, jnp.clip(x + 0.5 * eps * t, 0.0, 1.0), x)
+    fooled = jnp.argmax(logits, -1) != y
+    return target, FabState(x_cur=x_cur, x_best=x, dist=jnp.where(fooled, 0.0, jnp.inf))
+
+
+def _fab_step(i, s: FabState, variables, x, y, target, *, predict, norm):
+    """One FAB iteration: linearise z_target - z_y at the iterate, project both the iterate and x
+    onto that boundary (inside [0, 1]), step to a mix of the two projections that leans towards x
+    by alpha, overshooting by FAB_ETA; a misclassified result that beats the best is kept, and
+    the iterate then steps back towards x by FAB_BETA."""
+    del i
+
+    def diff(x_):
+        logits = predict(variables, x_)
+        d = jnp.take_along_axis(logits, target[:, None], 1)[:, 0] - jnp.take_along_axis(logits, y[:, None], 1)[:, 0]
+        return jnp.sum(d), d
+    g, df = jax.grad(diff, has_aux=True)(s.x_cur)
+    b = jnp.sum((g * s.x_cur).reshape(g.shape[0], -1), 1) - df   # boundary: g.z = b (df + g.(z - x_cur) = 0)
+    d_cur = project_onto_hyperplane_box(s.x_cur, g, b, norm)
+    d_orig = project_onto_hyperplane_box(x, g, b, norm)
+    n_cur = jnp.maximum(_lp_norm(d_cur, norm), 1e-8)
+    n_orig = jnp.maximum(_lp_norm(d_orig, norm), 1e-8)
+    alpha = _bcast(jnp.clip(n_cur / (n_cur + n_orig), 0.0, FAB_ALPHA_MAX), x)
+    x_new = jnp.clip((s.x_cur + FAB_ETA * d_cur) * (1 - alpha) + (x + FAB_ETA * d_orig) * alpha, 0.0, 1.0)
+    adv = jnp.argmax(predict(variables, x_new), -1) != y
+    dist = _lp_norm(x_new - x, norm)
+    better = adv & (dist < s.dist)
+    return FabState(x_cur=_where(adv, x + (x_new - x) * FAB_BETA, x_new),
+                    x_best=_where(better, x_new, s.x_best), dist=jnp.where(better, dist, s.dist))
+
+
+_FAB_STATIC = ("predict", "norm")
+_fab_step_jit = jax.jit(_fab_step, static_argnames=_FAB_STATIC)
+_fab_fori = _fori(_fab_step, _FAB_STATIC)
+
+
+def fab_min_norm(predict, variables, x, y, key, eps, *, steps=100, norm="linf", target_rank=0,
+                 random_start=False):
+    """Targeted FAB (Croce & Hein, ICML 2020b, as in AutoAttack's FAB-T): the smallest
+    misclassified point it finds on the way to the boundary between y and the class of rank
+    `target_rank` (0 = highest) among the other classes of the clean logits.
+
+    From x (or, with `random_start`, from a random point at radius eps / 2: AutoAttack's later
+    restarts), `steps` iterations of `_fab_step`. Returns (x_best [N, ...], dist [N]): the
+    misclassified point closest to x in the `norm` found, and that distance; dist is inf where
+    none was found (x_best = x there) and 0 where x itself is misclassified. Points lie in
+    [0, 1]; they are not bounded by eps."""
+    x = jnp.asarray(x, jnp.float32)
+    target, init = _fab_init(predict, variables, x, y, key, eps, target_rank, bool(random_start), norm=norm)
+    s = _iterate(_fab_step_jit, _fab_fori, 0, steps, init, variables, x, y, target, predict=predict, norm=norm)
+    return s.x_best, s.dist
+
+
+def fab_t(predict, variables, x, y, key, eps, *, steps=100, norm="linf", target_rank=0, random_start=False):
+    """FAB-T as an eps-bounded attack: per example the point of `fab_min_norm` where it lies
+    within eps of x, else x itself. Inside the eps-ball and [0, 1]."""
+    x = jnp.asarray(x, jnp.float32)
+    x_best, dist = fab_min_norm(predict, variables, x, y, key, eps, steps=steps, norm=norm,
+                                target_rank=target_rank, random_start=random_start)
+    return _where(dist <= eps, x_best, x)
+
+
+# --------------------------------------------------------------------------------------
+# Square (Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a query-efficient
+# black-box adversarial attack via random search", ECCV 2020)
+# --------------------------------------------------------------------------------------
+def margin_per_example(logits, y):
+    """[N] z_y - max_{j != y} z_j of logits [N, C]: negative where the example is misclassified."""
+    z_y = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+    z_other = jnp.max(jnp.where(jax.nn.one_hot(y, logits.shape[-1], dtype=bool), -jnp.inf, logits), axis=1)
+    return z_y - z_other
+
+
+def square_sizes(p_init, height, width, norm):
+    """[len(SQUARE_SCHEDULE) + 1] int32: Square's side length s at each level of the schedule,
+    s = round(sqrt(p * H * W)) with p = p_init / 2**level (at least 1 for L-inf; for L2 at least
+    3 and odd), capped at the image side."""
+    sizes = []
+    for level in range(len(SQUARE_SCHEDULE) + 1):
+        s = int(round(np.sqrt(p_init / 2 ** level * height * width)))
+        if norm == "linf":
+            s = max(s, 1)
+        else:
+            s = max(s, 3)
+            s += 1 - s % 2
+        sizes.append(min(s, height, width))
+    return np.asarray(sizes, np.int32)
+
+
+def _square_size(i, sizes):
+    """Side length at iteration i: p halves after each iteration in SQUARE_SCHEDULE."""
+    level = jnp.sum(i > jnp.asarray(SQUARE_SCHEDULE))
+    return sizes[level]
+
+
+def _window(top, left, s, height, width):
+    """[N, H, W, 1] bool: the s x s square at (top [N], left [N]) of each example."""
+    rows = jnp.arange(height)[None, :, None]
+    cols = jnp.arange(width)[None, None, :]
+    t, l_ = top[:, None, None], left[:, None, None]
+    return ((rows >= t) & (rows < t + s) & (cols >= l_) & (cols < l_ + s))[..., None]
+
+
+def _l2_pattern(top, left, s, flip, height, width):
+    """[N, H, W, 1]: Square's L2 update pattern eta(s) placed at (top, left), zero elsewhere, of
+    unit L2 norm per example. eta(s) stacks two halves, +R(s // 2, s) over -R(s - s // 2, s), each
+    of unit norm, transposed where `flip`. R(a, b) is a sum of concentric rectangles around
+    (a // 2, b // 2), the k-th (k = 0, 1, ...; k steps out in each direction) weighted
+    1 / (k + 1)^2: R[i, j] = sum over k from max(|i - a // 2|, |j - b // 2|) to b // 2 of
+    1 / (k + 1)^2. All sizes may be traced."""
+    n = top.shape[0]
+    i = jnp.broadcast_to(jnp.arange(height)[None, :, None] - top[:, None, None], (n, height, width))
+    j = jnp.broadcast_to(jnp.arange(width)[None, None, :] - left[:, None, None], (n, height, width))
+    fl = flip[:, None, None]
+    i, j = jnp.where(fl, j, i), jnp.where(fl, i, j)
+    inside = (i >= 0) & (i < s) & (j >= 0) & (j < s)
+    half = s // 2
+    upper = i < half
+    a = jnp.where(upper, half, s - half)
+    ii = jnp.where(upper, i, i - half)
+    ring = jnp.maximum(jnp.abs(ii - a // 2), jnp.abs(j - s // 2))
+    # tail[k] = sum_{m >= k} 1 / (m + 1)^2 up to the outermost ring s // 2
+    inv_sq = 1.0 / (np.arange(1, max(height, width) + 2, dtype=np.float64) ** 2)
+    cum = jnp.asarray(np.concatenate([[0.0], np.cumsum(inv_sq)]), jnp.float32)
+    value = cum[s // 2 + 1] - cum[jnp.clip(ring, 0, s // 2 + 1)]
+    e = jnp.where(inside, jnp.where(upper, value, -value), 0.0)
+
+    def half_norm(mask):
+        return jnp.sqrt(jnp.sum(jnp.where(mask, e ** 2, 0.0), axis=(1, 2), keepdims=True))
+    e = e / jnp.maximum(jnp.where(upper, half_norm(upper & inside), half_norm(~upper & inside)), 1e-12)
+    e = e / jnp.maximum(jnp.sqrt(jnp.sum(e ** 2, axis=(1, 2), keepdims=True)), 1e-12)
+    return e[..., None]
+
+
+def _random_signs(key, shape):
+    return jnp.where(jax.random.bernoulli(key, 0.5, shape), 1.0, -1.0)
+
+
+def _square_init_delta(key, x, norm):
+    """Square's first perturbation direction: L-inf, vertical stripes of random sign (per
+    column and channel); L2, a grid of s0 x s0 tiles (s0 = H // 5) each holding eta(s0),
+    transposed at random and with random signs per channel (per example, tile and channel),
+    normalised to unit L2 norm."""
+    n, h, w, c = x.shape
+    if norm == "linf":
+        return _random_signs(key, (n, 1, w, c))
+    s0 = max(h // 5, 1)
+    start = (h - 5 * s0) // 2
+    tops = [start + k * s0 for k in range(h // s0) if start + k * s0 < h]
+    lefts = [start + k * s0 for k in range(w // s0) if start + k * s0 < w]
+    # Static maps: the tile of each pixel (-1 outside the grid) and the pixel's place in it.
+    tile = -np.ones((h, w), np.int32)
+    rel = np.zeros((h, w), np.int32)
+    for t, (r, c_) in enumerate((r, c_) for r in tops for c_ in lefts):
+        rr, cc = np.meshgrid(np.arange(r, min(r + s0, h)), np.arange(c_, min(c_ + s0, w)), indexing="ij")
+        tile[rr, cc] = t
+        rel[rr, cc] = (rr - r) * s0 + (cc - c_)
+    with jax.ensure_compile_time_eval():
+        eta = np.asarray(_l2_pattern(jnp.zeros(2, jnp.int32), jnp.zeros(2, jnp.int32), s0,
+                                     jnp.asarray([False, True]), s0, s0))[..., 0].reshape(2, -1)   # [2, s0*s0]
+    n_tiles = len(tops) * len(lefts)
+    k_flip, k_sign = jax.random.split(key)
+    flip = jax.random.bernoulli(k_flip, 0.5, (n, n_tiles))
+    signs = _random_signs(k_sign, (n, n_tiles, c))
+    inside = tile >= 0
+    t_idx = np.where(inside, tile, 0)
+    pattern = jnp.where(flip[:, t_idx], eta[1][rel], eta[0][rel])          # [N, H, W]
+    delta = jnp.where(inside[None, :, :, None], pattern[..., None] * signs[:, t_idx], 0.0)
+    return delta / _per_example_norm(delta)
+
+
+class SquareState(NamedTuple):
+    """Square's loop state; every field has a leading batch axis N."""
+    x_best: jax.Array  # [N, ...] point of lowest margin found (the clean image for clean mistakes)
+    margin: jax.Array  # [N] margin at x_best; <= 0: fooled, and that example stops moving
+
+
+@functools.partial(jax.jit, static_argnames=("predict", "norm"))
+def _square_init(predict, variables, x, y, key, eps, *, norm):
+    """The first query: x plus eps times the initial direction, clipped to [0, 1]; examples
+    misclassified when clean keep the clean image."""
+    margin_clean = margin_per_example(predict(variables, x), y)
+    x0 = jnp.clip(x + eps * _square_init_delta(key, x, norm), 0.0, 1.0)
+    margin0 = margin_per_example(predict(variables, x0), y)
+    fooled_clean = margin_clean <= 0
+    return SquareState(x_best=_where(fooled_clean, x, x0), margin=jnp.where(fooled_clean, margin_clean, margin0))
+
+
+def _square_proposal_linf(key, x, x_best, eps, s):
+    """Set one random s x s square per example to x +- eps (one sign per channel)."""
+    n, h, w, c = x.shape
+    kt, kl, ks = jax.random.split(key, 3)
+    top = jax.random.randint(kt, (n,), 0, h - s + 1)
+    left = jax.random.randint(kl, (n,), 0, w - s + 1)
+    x_new = jnp.where(_window(top, left, s, h, w), x + eps * _random_signs(ks, (n, 1, 1, c)), x_best)
+    return jnp.clip(x_new, 0.0, 1.0)
+
+
+def _square_proposal_l2(key, x, x_best, eps, s):
+    """Move the perturbation's mass from one random s x s square (emptied) to another (the
+    pattern eta(s) with random signs per channel, plus the square's old content), keeping the
+    total norm at eps."""
+    n, h, w, c = x.shape
+    kt, kl, kt2, kl2, kf, ks = jax.random.split(key, 6)
+    top, left = jax.random.randint(kt, (n,), 0, h - s + 1), jax.random.randint(kl, (n,), 0, w - s + 1)
+    top2, left2 = jax.random.randint(kt2, (n,), 0, h - s + 1), jax.random.randint(kl2, (n,), 0, w - s + 1)
+    win1 = _window(top, left, s, h, w).astype(x.dtype)
+    win2 = _window(top2, left2, s, h, w).astype(x.dtype)
+    delta = x_best - x
+    norm_win1 = jnp.sqrt(jnp.sum((delta * win1) ** 2, axis=(1, 2), keepdims=True))   # [N, 1, 1, C]
+    norm_all = _per_example_norm(delta)                                                 # [N, 1, 1, 1]
+    norm_wins = _per_example_norm(delta * jnp.maximum(win1, win2))
+    pattern = _l2_pattern(top, left, s, jax.random.bernoulli(kf, 0.5, (n,)), h, w)
+    new = pattern * _random_signs(ks, (n, 1, 1, c)) + delta * win1 / (1e-12 + norm_win1)
+    new = new / (1e-12 + jnp.sqrt(jnp.sum(new ** 2, axis=(1, 2), keepdims=True)))
+    new = new * jnp.sqrt(jnp.maximum(eps ** 2 - norm_all ** 2, 0.0) / c + norm_wins ** 2)
+    delta = delta * (1 - win2)
+    delta = delta * (1 - win1) + new * win1
+    return jnp.clip(x + eps * delta / _per_example_norm(delta), 0.0, 1.0)
+
+
+def _square_step(i, s: SquareState, variables, x, y, key, eps, sizes, *, predict, norm):
+    """One query: a random square proposal per example still correctly classified, kept where
+    it lowers the margin."""
+    size = _square_size(i, sizes)
+    k = jax.random.fold_in(key, i)
+    if norm == "linf":
+        x_new = _square_proposal_linf(k, x, s.x_best, eps, size)
+    else:
+        x_new = _square_proposal_l2(k, x, s.x_best, eps, size)
+    margin = margin_per_example(predict(variables, x_new), y)
+    better = (s.margin > 0) & (margin < s.margin)
+    return SquareState(x_best=_where(better, x_new, s.x_best), margin=jnp.where(better, margin, s.margin))
+
+
+_SQUARE_STATIC = ("predict", "norm")
+_square_step_jit = jax.jit(_square_step, static_argnames=_SQUARE_STATIC)
+_square_fori = _fori(_square_step, _SQUARE_STATIC)
+
+
+def square(predict, variables, x, y, key, eps, *, queries=5000, norm="linf", p_init=0.8, valid=None):
+    """The Square Attack (Andriushchenko et al., ECCV 2020) on the margin z_y - max_{j!=y} z_j,
+    as in AutoAttack (its schedule for p, not rescaled to `queries`).
+
+    A random search that reads only the logits. From an initial query (L-inf: x + eps * vertical
+    stripes of random sign; L2: a grid of random patterns of norm eps), each of `queries`
+    iterations proposes, per example still correctly classified, a change of one random square of
+    side s = round(sqrt(p * H * W)) (L-inf: the square's pixels set to x +- eps, one sign per
+    channel; L2: perturbation mass moved from one square into another, total norm eps) and keeps
+    it if it lowers the margin. p starts at `p_init` and halves on AutoAttack's schedule
+    (SQUARE_SCHEDULE). The squares are drawn per example, from `key` folded with the iteration.
+    Stops early once every example (every row marked in `valid` [N] bool) is misclassified,
+    checking every SQUARE_CHECK_EVERY queries.
+
+    Returns x_adv [N, ...]: the point of lowest margin found (misclassified where the attack
+    succeeded; the clean image where it is misclassified), inside the eps-ball and [0, 1].
+    """
+    x = jnp.asarray(x, jnp.float32)
+    n, h, w, _ = x.shape
+    valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
+    sizes = jnp.asarray(square_sizes(p_init, h, w, norm))
+    k_init, k_steps = jax.random.split(key)
+    state = _square_init(predict, variables, x, y, k_init, eps, norm=norm)
+    for lo in range(0, queries, SQUARE_CHECK_EVERY):
+        if np.all(parallel.to_host(state.margin)[valid] <= 0):
+            break
+        state = _iterate(_square_step_jit, _square_fori, lo, min(lo + SQUARE_CHECK_EVERY, queries), state,
+                         variables, x, y, k_steps, eps, sizes, predict=predict, norm=norm)
+    return state.x_best
+
+
+# --------------------------------------------------------------------------------------
+# Running attacks
 # --------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("predict",))
 def _predict_labels(predict, variables, x):
@@ -438,80 +847,57 @@ def _zero_input_grad(predict, variables, x, y):
 
 
 def _runs(cfg: AttackConfig, num_classes):
-    """(loss, target_rank, restart) of every run of one single attack."""
-    if cfg.name == "apgd-dlr":
+    """(target_rank, restart) of every run of one single attack."""
+    if cfg.name in ("apgd-dlr", "fab-t"):
         n_targets = max(1, min(cfg.n_targets, num_classes - 1))
-        return [("dlr-t", t, r) for t in range(n_targets) for r in range(cfg.restarts)]
-    return [("ce", 0, r) for r in range(cfg.restarts)]
+        return [(t, r) for t in range(n_targets) for r in range(cfg.restarts)]
+    return [(0, r) for r in range(cfg.restarts)]
 
 
 def _num_classes(predict, variables, x):
     return int(jax.eval_shape(predict, variables, x[:1]).shape[-1])
 
 
-def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None, num_classes=None):
-    """Run every attack of `cfg` (every restart, every target) on one batch.
-
-    An example is fooled by a single attack if any of its runs misclassifies it (for the APGD
-    attacks also if the clean image is misclassified); it is fooled by `cfg` if any member
-    fools it. Runs after the first are skipped once every valid row is fooled by that attack.
-    `valid` [N] bool marks the real rows of a padded batch (default: all). `num_classes` (the
-    logits' width, used by apgd-dlr) is found by tracing `predict` when not given.
-
-    Returns a dict of arrays:
-      'x_adv' [N, ...]: per example the first fooling point found (in member order), else the
-        last run's output;
-      'fooled' [N] bool;
-      'fooled_by' {member name: [N] bool}: each member on its own;
-      'pgd_half_fooled' [N] bool: PGD stopped at steps // 2 (only when pgd is a member).
-    """
-    x = jnp.asarray(x, jnp.float32)
-    y = jnp.asarray(y, jnp.int32)
-    valid = np.ones(len(y), bool) if valid is None else np.asarray(valid, bool)
-    if num_classes is None and any(m.name == "apgd-dlr" for m in cfg.members()):
-        num_classes = _num_classes(predict, variables, x)
-    x_final, fooled = None, np.zeros(len(y), bool)
-    fooled_by, out = {}, {}
-    for m_idx, member in enumerate(cfg.members()):
-        m_fooled = np.zeros(len(y), bool)
-        for run_idx, (loss, target_rank, r) in enumerate(_runs(member, num_classes)):
-            if run_idx > 0 and np.all(m_fooled[valid]):
-                break
-            if member.name == "pgd":
-                # the same keys as the reference-style evaluator: fold_in(batch key, restart)
-                x_run, x_half = _pgd_with_half(predict, variables, x, y, jax.random.fold_in(key, r),
-                                               member.eps, member.step_size, steps=member.steps,
-                                               norm=member.norm)
-                half = parallel.to_host(_predict_labels(predict, variables, x_half)) != parallel.to_host(y)
-                out["pgd_half_fooled"] = out.get("pgd_half_fooled", np.zeros(len(y), bool)) | half
-            else:
-                k = jax.random.fold_in(jax.random.fold_in(key, 1000 + m_idx), run_idx)
-                x_run = apgd(predict, variables, x, y, k, member.eps, steps=member.steps,
-                             norm=member.norm, loss=loss, target_rank=target_rank)
-            run_fooled = parallel.to_host(_predict_labels(predict, variables, x_run)) != parallel.to_host(y)
-            if x_final is None:
-                x_final = x_run
-            else:
-                # keep the first fooling point; robust examples take the latest run's output
-                keep = jnp.asarray(fooled)
-                x_final = jnp.where(_bcast(keep, x_run), x_final, x_run)
-            fooled = fooled | run_fooled
-            m_fooled = m_fooled | run_fooled
-        fooled_by[member.name] = m_fooled
-    out.update({"x_adv": x_final, "fooled": fooled, "fooled_by": fooled_by})
-    return out
+def _one_run(predict, variables, x, y, key, cfg: AttackConfig, m_idx, run_idx, target_rank, restart, valid):
+    """One run of the single attack `cfg` on a batch: (x_adv, PGD's half-steps iterate or None).
+    Keys: PGD fold_in(key, restart) (as the reference-style evaluator); the others
+    fold_in(fold_in(key, 1000 + member index), run index)."""
+    if cfg.name == "pgd":
+        return _pgd_with_half(predict, variables, x, y, jax.random.fold_in(key, restart), cfg.eps, cfg.step_size,
+                              steps=cfg.steps, norm=cfg.norm)
+    k = jax.random.fold_in(jax.random.fold_in(key, 1000 + m_idx), run_idx)
+    if cfg.name in ("apgd-ce", "apgd-dlr"):
+        x_adv = apgd(predict, variables, x, y, k, cfg.eps, steps=cfg.steps, norm=cfg.norm,
+                     loss="ce" if cfg.name == "apgd-ce" else "dlr-t", target_rank=target_rank)
+    elif cfg.name == "fab-t":
+        x_adv = fab_t(predict, variables, x, y, k, cfg.eps, steps=cfg.fab_steps, norm=cfg.norm,
+                      target_rank=target_rank, random_start=restart > 0)
+    else:
+        x_adv = square(predict, variables, x, y, k, cfg.eps, queries=cfg.square_queries, norm=cfg.norm,
+                       p_init=cfg.square_p_init, valid=valid)
+    return x_adv, None
 
 
-def run_attack(predict, variables, x, y, key, cfg: AttackConfig):
-    """Adversarial examples [N, ...] for one batch under `cfg`. With restarts (and targets,
-    and several attacks in the ensemble) an example keeps the first point that fools the
-    model; it counts as robust only if it survives all."""
-    return attack_batch(predict, variables, x, y, key, cfg)["x_adv"]
+def _run_member(predict, variables, x, y, key, cfg: AttackConfig, m_idx, valid, num_classes):
+    """Every run (restart, target) of the single attack `cfg` on one batch; runs after the first
+    are skipped once every `valid` row is fooled. Returns (x_adv [N, ...]: per example the output
+    of the first run that fools it, else of the last run; fooled [N] bool (host); half_fooled
+    [N] bool (host; PGD stopped at steps // 2) or None)."""
+    y_host = parallel.to_host(y)
+    x_out, fooled, half = None, np.zeros(len(y_host), bool), None
+    for run_idx, (target_rank, restart) in enumerate(_runs(cfg, num_classes)):
+        if run_idx > 0 and np.all(fooled[valid]):
+            break
+        x_run, x_half = _one_run(predict, variables, x, y, key, cfg, m_idx, run_idx, target_rank, restart, valid)
+        if x_half is not None:
+            h = parallel.to_host(_predict_labels(predict, variables, x_half)) != y_host
+            half = h if half is None else half | h
+        # keep the first fooling point; robust examples take the latest run's output
+        x_out = x_run if x_out is None else jnp.where(_bcast(jnp.asarray(fooled), x_run), x_out, x_run)
+        fooled = fooled | (parallel.to_host(_predict_labels(predict, variables, x_run)) != y_host)
+    return x_out, fooled, half
 
 
-# --------------------------------------------------------------------------------------
-# Evaluation over a dataset
-# --------------------------------------------------------------------------------------
 def _pad(a, size):
     if len(a) == size:
         return a
@@ -519,43 +905,206 @@ def _pad(a, size):
     return np.concatenate([a, pad])
 
 
+def _device_batch(arrays, rows, batch_size):
+    """The rows `rows` (a slice or index array) of host arrays, zero-padded to
+    parallel.padded_size(batch_size) and split over the devices. Returns (sharded arrays,
+    valid [size] bool marking the real rows)."""
+    size = parallel.padded_size(batch_size)
+    parts = [_pad(np.asarray(a[rows]), size) for a in arrays]
+    m = len(np.asarray(arrays[0][rows]))
+    sharded, _ = parallel.shard_batch(tuple(parts))
+    return sharded, np.arange(size) < m
+
+
+def _attack_rows(predict, variables, x, y, cfg: AttackConfig, chunk_key, *, batch_size, num_classes,
+                 correct_clean=None, progress=None):
+    """Every member of `cfg` over host arrays x [n, ...] (float32) and y [n] (int32), in padded
+    batches of `batch_size`; batch c of every member draws its randomness from chunk_key(c).
+    Members attack every example, or, for an ensemble on survivors (`cfg.on_survivors`), only the
+    examples that are correctly classified (`correct_clean` [n] bool) and not yet fooled, re-batched.
+
+    Returns a dict: 'x_adv' [n, ...] host float32 (per example the first fooling point found, in
+    member order; else the last run's output; clean mistakes skipped on survivors keep x);
+    'fooled' [n] bool; 'members' [(name, attacked [n] bool, fooled [n] bool)] in order;
+    'pgd_half_fooled' [n] bool when pgd ran."""
+    n = len(y)
+    fooled = ~np.asarray(correct_clean, bool) if cfg.on_survivors else np.zeros(n, bool)
+    x_adv = np.array(x, np.float32, copy=True)
+    out = {"members": []}
+    for m_idx, member in enumerate(cfg.members()):
+        rows = np.flatnonzero(~fooled) if cfg.on_survivors else np.arange(n)
+        if progress is not None and len(rows) < n:
+            progress.update(n - len(rows))
+        m_fooled = np.zeros(n, bool)
+        for c, start in enumerate(range(0, len(rows), batch_size)):
+            idx = rows[start:start + batch_size]
+            (xb, yb), valid = _device_batch((x, y), idx, batch_size)
+            x_run, run_fooled, half = _run_member(predict, variables, xb, yb, chunk_key(c), member, m_idx, valid,
+                                                  num_classes)
+            x_run = parallel.to_host(x_run)[:len(idx)]
+            keep = fooled[idx].reshape((-1,) + (1,) * (x.ndim - 1))
+            x_adv[idx] = np.where(keep, x_adv[idx], x_run)
+            m_fooled[idx] = run_fooled[:len(idx)]
+            if half is not None:
+                out.setdefault("pgd_half_fooled", np.zeros(n, bool))[idx] |= half[:len(idx)]
+            if progress is not None:
+                progress.update(len(idx))
+        attacked = np.zeros(n, bool)
+        attacked[rows] = True
+        out["members"].append((member.name, attacked, m_fooled))
+        fooled = fooled | m_fooled
+    out.update(x_adv=x_adv, fooled=fooled)
+    return out
+
+
+def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None, num_classes=None):
+    """Run every attack of `cfg` (every restart, every target) on one batch, drawing the
+    randomness from `key`.
+
+    An example is fooled by a single attack if any of its runs misclassifies it (for every attack
+    but pgd also if the clean image is misclassified); it is fooled by `cfg` if any member
+    fools it. `valid` [N] bool marks the real rows of a padded batch (default: all); the others are
+    not attacked. `num_classes` (the logits' width, used by apgd-dlr and fab-t) is found by tracing
+    `predict` when not given.
+
+    Returns a dict of host arrays over the batch:
+      'x_adv' [N, ...]: per example the first fooling point found (in member order), else the
+        last run's output (padded rows: x);
+      'fooled' [N] bool;
+      'fooled_by' {member name: [N] bool}: examples each member fooled (of those it attacked:
+        all, or on survivors those still robust);
+      'pgd_half_fooled' [N] bool: PGD stopped at steps // 2 (only when pgd is a member).
+    """
+    x = np.asarray(parallel.to_host(x), np.float32)
+    y = np.asarray(parallel.to_host(y), np.int32)
+    valid = np.ones(len(y), bool) if valid is None else np.asarray(valid, bool)
+    if num_classes is None:
+        num_classes = _num_classes(predict, variables, jnp.asarray(x[:1]))
+    rows = np.flatnonzero(valid)
+    correct = None
+    if cfg.on_survivors:
+        (xb, _), _ = _device_batch((x, y), rows, max(len(rows), 1))
+        correct = parallel.to_host(_predict_labels(predict, variables, xb))[:len(rows)] == y[rows]
+    res = _attack_rows(predict, variables, x[rows], y[rows], cfg, lambda c: key, batch_size=max(len(rows), 1),
+                       num_classes=num_classes, correct_clean=correct)
+
+    def spread(a, fill):
+        full = np.full((len(y),) + a.shape[1:], fill, a.dtype)
+        full[rows] = a
+        return full
+    x_adv = x.copy()
+    x_adv[rows] = res["x_adv"]
+    out = {"x_adv": x_adv, "fooled": spread(res["fooled"], False),
+           "fooled_by": {name: spread(f, False) for name, _, f in res["members"]}}
+    if "pgd_half_fooled" in res:
+        out["pgd_half_fooled"] = spread(res["pgd_half_fooled"], False)
+    return out
+
+
+def run_attack(predict, variables, x, y, key, cfg: AttackConfig):
+    """Adversarial examples [N, ...] for one batch under `cfg`. With restarts (and targets,
+    and several attacks in an ensemble) an example keeps the first point that fools the
+    model; it counts as robust only if it survives all."""
+    return attack_batch(predict, variables, x, y, key, cfg)["x_adv"]
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation over a dataset
+# --------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("components",))
 def _components_jit(components, variables, x):
     return components(variables, x)
+
+
+def _predict_pass(predict, variables, x, y, batch_size, *, components=None, check_gradients=False, progress=None):
+    """Predicted labels [n] over host arrays in order, in padded batches; with `components` also
+    their {'f', 'df'} [n, C]; with `check_gradients` also the number of inputs whose
+    cross-entropy input gradient is exactly zero."""
+    host = parallel.to_host
+    preds, comps, zero_grad = [], [], 0
+    for start in range(0, len(x), batch_size):
+        m = min(batch_size, len(x) - start)
+        (xb, yb), _ = _device_batch((x, y), slice(start, start + batch_size), batch_size)
+        preds.append(host(_predict_labels(predict, variables, xb))[:m])
+        if components is not None:
+            comps.append(jax.tree_util.tree_map(lambda a: host(a)[:m], _components_jit(components, variables, xb)))
+        if check_gradients:
+            zero_grad += int(np.sum(host(_zero_input_grad(predict, variables, xb, yb))[:m]))
+        if progress is not None:
+            progress.update(m)
+    out = {"predictions": np.concatenate(preds), "zero_grad": zero_grad if check_gradients else None}
+    if components is not None:
+        out["components"] = {k: np.concatenate([p[k] for p in comps]) for k in ("f", "df")}
+    return out
+
+
+def _breakdown(res, n, correct_clean, on_survivors):
+    """Per member, in order: on every example {'correct', 'acc'} (that member alone), on survivors
+    {'attacked', 'fooled'} (examples it attacked, and fooled of those); both with
+    'cumulative_correct', 'cumulative_acc' (robust to it and every member before it)."""
+    survived = np.asarray(correct_clean, bool).copy() if on_survivors else np.ones(n, bool)
+    breakdown = {}
+    for name, attacked, fooled in res["members"]:
+        survived &= ~fooled
+        b = ({"attacked": int(np.sum(attacked)), "fooled": int(np.sum(fooled & attacked))} if on_survivors else
+             {"correct": int(np.sum(~fooled)), "acc": float(np.mean(~fooled)) if n else 0.0})
+        b.update(cumulative_correct=int(np.sum(survived)), cumulative_acc=float(np.mean(survived)) if n else 0.0)
+        breakdown[name] = b
+    if "pgd_half_fooled" in res and "pgd" in breakdown:
+        breakdown["pgd"]["correct_half_steps"] = int(np.sum(~res["pgd_half_fooled"]))
+    if on_survivors and "square" in breakdown and any(name in GRADIENT_ATTACKS for name in breakdown):
+        sq = breakdown["square"]
+        sq["masking_threshold"] = square_warn_threshold(n)
+        sq["masking_suspected"] = sq["fooled"] > sq["masking_threshold"]
+    return breakdown
+
+
+def square_warn_threshold(n):
+    """Square may fool up to this many of n examples after the gradient attacks without a warning."""
+    return max(SQUARE_WARN_MIN, int(np.ceil(SQUARE_WARN_FRACTION * n)))
 
 
 def sanity_warnings(out, attack: AttackConfig | None):
     """The sanity checks of an `evaluate` result, as a list of human-readable strings:
     robust accuracy above clean (overall and per attack); PGD robust on more examples after all
     its steps than after half of them; APGD-CE leaving more than max(1, 0.5%) examples more
-    robust than PGD in the ensemble; zero input
-    gradients (a sign of gradient masking) on more than 1% of the inputs."""
+    robust than PGD in the ensemble; zero input gradients (a sign of gradient masking) on more
+    than 1% of the inputs; Square (no gradients), run after the gradient attacks, fooling more
+    than `square_warn_threshold(n)` examples they left robust (also a sign of masking)."""
     warnings = []
     n = max(out["n"], 1)
     frac = out["zero_grad_count"] / n if out.get("zero_grad_count") is not None else 0.0
     if out.get("zero_grad_count") and frac > ZERO_GRAD_WARN_FRACTION:
         warnings.append(f"gradient masking? the input gradient of the cross-entropy is exactly zero "
                         f"(or not finite) on {out['zero_grad_count']}/{out['n']} inputs ({100 * frac:.1f}%): "
-                        f"gradient attacks cannot move those; try --attack apgd-dlr or ensemble")
+                        f"gradient attacks cannot move those; try --attack square or ensemble")
     if attack is None:
         return warnings
     if out["correct_adv"] > out["correct_clean"]:
         warnings.append(f"robust accuracy {out['acc_adv']:.4f} exceeds clean accuracy "
                         f"{out['acc_clean']:.4f}: the attack is broken or too weak")
-    for name, b in out.get("attacks", {}).items():
-        if len(out["attacks"]) > 1 and b["correct"] > out["correct_clean"]:
+    breakdown = out.get("attacks", {})
+    for name, b in breakdown.items():
+        if len(breakdown) > 1 and b.get("correct", 0) > out["correct_clean"]:
             warnings.append(f"{name}: robust accuracy {b['acc']:.4f} exceeds clean accuracy {out['acc_clean']:.4f}")
-    pgd_b = out.get("attacks", {}).get("pgd")
+    pgd_b = breakdown.get("pgd")
     if pgd_b is not None and "correct_half_steps" in pgd_b and pgd_b["correct"] > pgd_b["correct_half_steps"]:
         warnings.append(f"pgd: more steps raised robust accuracy ({pgd_b['correct_half_steps']} robust after "
                         f"{attack.steps // 2} steps, {pgd_b['correct']} after {attack.steps}): the fixed step "
                         f"size oscillates; prefer --attack apgd-ce or ensemble")
-    ce_b = out.get("attacks", {}).get("apgd-ce")
+    ce_b = breakdown.get("apgd-ce")
     # Different random starts find different local maxima, so allow max(1, 0.5%) examples.
     tolerance = max(1, int(np.ceil(0.005 * n)))
-    if pgd_b is not None and ce_b is not None and ce_b["correct"] > pgd_b["correct"] + tolerance:
+    if pgd_b is not None and ce_b is not None and "correct" in ce_b and ce_b["correct"] > pgd_b["correct"] + tolerance:
         warnings.append(f"apgd-ce left more examples robust ({ce_b['correct']}) than pgd ({pgd_b['correct']}) "
                         f"with the same budget")
+    sq = breakdown.get("square", {})
+    if sq.get("masking_suspected"):
+        before = [name for name in breakdown if name in GRADIENT_ATTACKS]
+        warnings.append(f"gradient masking? square, which uses no gradients, fooled {sq['fooled']} of the "
+                        f"{sq['attacked']} examples that {', '.join(before)} left robust (more than "
+                        f"{sq['masking_threshold']} of {out['n']}): robust accuracy from gradient attacks alone "
+                        f"is not to be trusted on this model")
     return warnings
 
 
@@ -563,91 +1112,58 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
              key=None, keep_examples=False, progress=None, components=None, check_gradients=True):
     """Clean (and, with `attack`, robust) accuracy over arrays, in order, in batches.
 
-    The last partial batch is padded to `batch_size` (so nothing recompiles) and only its real
-    rows are counted. With several devices (parallel.py) every batch is padded the same way to
-    a multiple of the device count and split over the devices, and `variables` are replicated
-    (the padding leaves the real rows' random starts unchanged: JAX's default partitionable
-    threefry draws row i the same whatever the number of rows).
+    Batches are padded to `batch_size` (so nothing recompiles) and only their real rows are
+    counted. With several devices (parallel.py) every batch is padded the same way to a multiple
+    of the device count and split over the devices, and `variables` are replicated (the padding
+    leaves the real rows' random draws unchanged: JAX's default partitionable threefry draws row
+    i the same whatever the number of rows). The attack runs member by member over the whole set
+    (batch c of every member with key fold_in(key, c)); an ensemble on survivors re-batches the
+    examples still robust before each member, as AutoAttack does. `progress` (e.g. a tqdm bar)
+    advances by images: clean images without an attack, else images per member (its `total` is
+    set to n times the number of members).
     `components(variables, x) -> {'f','df'}` (see `make_components`), when given, is evaluated
     on the clean and adversarial images. Returns a dict:
       'n', 'correct_clean', 'acc_clean', 'predictions_clean' [N];
       'zero_grad_count' (inputs whose cross-entropy input gradient is exactly zero; None when
         `check_gradients` is False), 'warnings' (list of str, see `sanity_warnings`);
       with an attack: 'correct_adv', 'acc_adv', 'predictions_adv' [N], 'attack' (its
-        `describe()`), 'attacks' {member: {'correct', 'acc', 'cumulative_correct',
-        'cumulative_acc'}, plus 'correct_half_steps' for pgd} (each member alone, and robust
-        to it and every member before it), optionally 'x_adv' [N, H, W, C];
+        `describe()`), 'attacks' {member: see `_breakdown`; plus 'correct_half_steps' for pgd,
+        and 'masking_threshold', 'masking_suspected' for square after gradient attacks},
+        optionally 'x_adv' [N, H, W, C];
       with components: 'components_clean' and (with an attack) 'components_adv', each
         {'f': [N, C], 'df': [N, C]}.
     """
     key = jax.random.PRNGKey(0) if key is None else key
     n = len(x)
-    y_all = np.asarray(y)
-    preds_clean, preds_adv, advs = [], [], []
-    comps_clean, comps_adv = [], []
-    zero_grad = 0 if check_gradients else None
-    members = [m.name for m in attack.members()] if attack is not None else []
-    fooled_by = {name: [] for name in members}
-    half_fooled = []
-    num_classes = _num_classes(predict, variables, np.asarray(x[:1], np.float32)) if "apgd-dlr" in members else None
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y, np.int32)
     variables = parallel.replicate(variables)
-    size = parallel.padded_size(batch_size)  # batch_size with one device
-    host = parallel.to_host
-    for b, start in enumerate(range(0, n, batch_size)):
-        xb = _pad(np.asarray(x[start:start + batch_size], np.float32), size)
-        yb = _pad(np.asarray(y[start:start + batch_size], np.int32), size)
-        m = min(batch_size, n - start)
-        valid = np.arange(size) < m
-        (xb, yb), _ = parallel.shard_batch((xb, yb))
-        preds_clean.append(host(_predict_labels(predict, variables, xb))[:m])
-        if components is not None:
-            comps_clean.append(jax.tree_util.tree_map(lambda a: host(a)[:m],
-                                                      _components_jit(components, variables, xb)))
-        if check_gradients:
-            zero_grad += int(np.sum(host(_zero_input_grad(predict, variables, xb, yb))[:m]))
-        if attack is not None:
-            res = attack_batch(predict, variables, xb, yb, jax.random.fold_in(key, b), attack, valid=valid,
-                               num_classes=num_classes)
-            xa = res["x_adv"]
-            preds_adv.append(host(_predict_labels(predict, variables, xa))[:m])
-            for name in members:
-                fooled_by[name].append(res["fooled_by"][name][:m])
-            if "pgd_half_fooled" in res:
-                half_fooled.append(res["pgd_half_fooled"][:m])
-            if components is not None:
-                comps_adv.append(jax.tree_util.tree_map(lambda a: host(a)[:m],
-                                                        _components_jit(components, variables, xa)))
-            if keep_examples:
-                advs.append(host(xa)[:m])
-        if progress is not None:
-            progress.update(m)
-
-    def cat_components(parts):
-        return {k: np.concatenate([p[k] for p in parts]) for k in ("f", "df")}
-
-    out = {"n": n, "predictions_clean": np.concatenate(preds_clean), "zero_grad_count": zero_grad}
-    out["correct_clean"] = int(np.sum(out["predictions_clean"] == y_all))
+    clean = _predict_pass(predict, variables, x, y, batch_size, components=components,
+                          check_gradients=check_gradients, progress=progress if attack is None else None)
+    out = {"n": n, "predictions_clean": clean["predictions"], "zero_grad_count": clean["zero_grad"]}
+    out["correct_clean"] = int(np.sum(out["predictions_clean"] == y))
     out["acc_clean"] = out["correct_clean"] / max(n, 1)
     if components is not None:
-        out["components_clean"] = cat_components(comps_clean)
+        out["components_clean"] = clean["components"]
     if attack is not None:
+        members = attack.members()
+        if progress is not None and hasattr(progress, "total"):
+            progress.total = n * len(members)
+            getattr(progress, "refresh", lambda: None)()
+        num_classes = (_num_classes(predict, variables, jnp.asarray(x[:1]))
+                       if any(m.name in ("apgd-dlr", "fab-t") for m in members) else None)
+        res = _attack_rows(predict, variables, x, y, attack, lambda c: jax.random.fold_in(key, c),
+                           batch_size=batch_size, num_classes=num_classes,
+                           correct_clean=out["predictions_clean"] == y, progress=progress)
+        adv = _predict_pass(predict, variables, res["x_adv"], y, batch_size, components=components)
         out["attack"] = attack.describe()
-        out["predictions_adv"] = np.concatenate(preds_adv)
-        out["correct_adv"] = int(np.sum(out["predictions_adv"] == y_all))
+        out["predictions_adv"] = adv["predictions"]
+        out["correct_adv"] = int(np.sum(out["predictions_adv"] == y))
         out["acc_adv"] = out["correct_adv"] / max(n, 1)
-        breakdown, survived = {}, np.ones(n, bool)
-        for name in members:
-            fooled = np.concatenate(fooled_by[name])
-            survived &= ~fooled
-            breakdown[name] = {"correct": int(np.sum(~fooled)), "acc": float(np.mean(~fooled)) if n else 0.0,
-                               "cumulative_correct": int(np.sum(survived)),
-                               "cumulative_acc": float(np.mean(survived)) if n else 0.0}
-        if half_fooled:
-            breakdown["pgd"]["correct_half_steps"] = int(np.sum(~np.concatenate(half_fooled)))
-        out["attacks"] = breakdown
+        out["attacks"] = _breakdown(res, n, out["predictions_clean"] == y, attack.on_survivors)
         if components is not None:
-            out["components_adv"] = cat_components(comps_adv)
+            out["components_adv"] = adv["components"]
         if keep_examples:
-            out["x_adv"] = np.concatenate(advs)
+            out["x_adv"] = res["x_adv"]
     out["warnings"] = sanity_warnings(out, attack)
     return out

@@ -18,7 +18,8 @@ NTK_METHODS = ("auto", "direct", "structured", "jacobian")   # ntk.py
 # The reference's L2 evaluation attack (run_exp.py's test): radius 0.25, step 0.01, in pixels.
 L2_EPS = 0.25
 L2_STEP_SIZE = 0.01
-ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "ensemble")   # attacks.py
+# attacks.py: the single attacks, then the ensembles (attacks.ENSEMBLES)
+ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "fab-t", "square", "ensemble", "ensemble-fast")
 NORMS = ("linf", "l2")
 
 
@@ -88,21 +89,54 @@ def add_memory_gb(p):
                         "not depend on it, only the time (a smaller budget recomputes more gradients)")
 
 
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def fraction(text):
+    """argparse type: a number in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1], got {value}")
+    return value
+
+
 def add_attack_args(p):
-    """Add the evaluation-attack options shared by run_exp.py and eval_and_make_adv.py:
-    --attack, --restarts, --n_target_classes."""
+    """The evaluation-attack options shared by run_exp.py and eval_and_make_adv.py: --attack,
+    --restarts, --n_target_classes, --fab_steps, --square_queries, --square_p_init."""
     p.add_argument("--attack", default="pgd", choices=ATTACKS,
                    help="evaluation attack: 'pgd' (the reference's PGD on cross-entropy, fixed "
                         "step), 'apgd-ce' (Auto-PGD on cross-entropy, Croce & Hein 2020), "
                         "'apgd-dlr' (Auto-PGD on the targeted DLR loss, one run per target class), "
-                        "'ensemble' (pgd, apgd-ce, then apgd-dlr; robust only if an example "
-                        "survives all, with a per-attack breakdown).")
+                        "'fab-t' (targeted FAB, minimum-norm, one run per target class), 'square' "
+                        "(Square Attack: random search on the logits, no gradients), 'ensemble' "
+                        "(AutoAttack's standard version: apgd-ce, apgd-dlr, fab-t, square, each on "
+                        "the examples still robust), 'ensemble-fast' (pgd, apgd-ce, apgd-dlr, each "
+                        "on every example); an example is robust only if it survives every member, "
+                        "with a per-attack breakdown.")
     p.add_argument("--restarts", type=int, default=1,
-                   help="random restarts of each attack (per target class for apgd-dlr); an "
-                        "example counts as robust only if it survives every restart.")
+                   help="random restarts of each attack (per target class for apgd-dlr and fab-t); "
+                        "an example counts as robust only if it survives every restart.")
     p.add_argument("--n_target_classes", type=int, default=9,
-                   help="target classes of apgd-dlr: the top-k other classes of the clean logits "
-                        "(capped at the number of classes - 1).")
+                   help="target classes of apgd-dlr and fab-t: the top-k other classes of the clean "
+                        "logits (capped at the number of classes - 1).")
+    p.add_argument("--fab_steps", type=positive_int, default=100,
+                   help="iterations of each fab-t run (AutoAttack: 100).")
+    p.add_argument("--square_queries", type=positive_int, default=5000,
+                   help="queries of each square run (AutoAttack: 5000); fewer for CPU-scale work.")
+    p.add_argument("--square_p_init", type=fraction, default=0.8,
+                   help="Square's initial fraction of the pixels changed per query, halved on "
+                        "AutoAttack's schedule (AutoAttack: 0.8).")
 
 
 def add_no_progress(p):

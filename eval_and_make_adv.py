@@ -1,7 +1,8 @@
 """Evaluate a checkpoint under attack and (optionally) save its adversarial examples.
 
 The reference's evaluation is L-inf PGD-100 at eps/255 with one random start. This script keeps
-its flags and outputs and adds stronger attacks (--attack apgd-ce|apgd-dlr|ensemble, --restarts)
+its flags and outputs and adds stronger attacks (--attack apgd-ce|apgd-dlr|fab-t|square, AutoAttack's
+standard set --attack ensemble, the gradient-only --attack ensemble-fast, --restarts)
 and a JSON summary with sanity checks. It shares one evaluator (`attacks.evaluate`) with
 run_exp.py.
 
@@ -265,7 +266,11 @@ def run(args):
     robust = "n/a (--no_adv)" if cfg is None else f"{res['acc_adv']:.4f}"
     print(f"{len(x)} images, dynamics={dynamics}: clean {res['acc_clean']:.4f}, robust {robust}")
     for name, b in res.get("attacks", {}).items():
-        print(f"  {name}: robust {b['acc']:.4f} alone, {b['cumulative_acc']:.4f} with the attacks before it")
+        if "acc" in b:
+            print(f"  {name}: robust {b['acc']:.4f} alone, {b['cumulative_acc']:.4f} with the attacks before it")
+        else:   # AutoAttack's order: each member attacked only what the ones before it left robust
+            print(f"  {name}: fooled {b['fooled']} of the {b['attacked']} still robust; robust "
+                  f"{b['cumulative_acc']:.4f} after it")
     for w in res["warnings"]:
         print(f"WARNING: {w}")
     for f in files:

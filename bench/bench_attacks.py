@@ -1,16 +1,30 @@
-"""Cost of APGD-CE against PGD with the same number of steps, on the full-width ResNet-18.
+"""Cost of the evaluation attacks: per step, and per image at AutoAttack's full budgets.
 
 Prints one JSON line per measurement: the machine, the configuration, the median wall time of
-`--repeats` runs after one warm-up run (compilation excluded), and the median per step; then
-one line with the APGD-CE / PGD ratio. Runs of the two attacks are interleaved, so load from
-other processes hits both sides alike.
+`--repeats` runs after one warm-up run (compilation excluded), and the median per step (a call's
+time over its steps, so the attack's initial query is spread over them); then:
+- 'apgd_ce_over_pgd': the APGD-CE / PGD ratio per step;
+- 'attack_full_budget' (with --budget): per attack, the cost per image of its AutoAttack budget
+  (PGD-100 and APGD-CE: 100 steps; APGD-T and FAB-T: 100 steps for each of min(9, classes - 1)
+  targets; Square: 5000 queries), EXTRAPOLATED from the measured per-step cost of `--steps`
+  steps, and its ratio to PGD-100;
+- 'ensemble_full_budget' (with --budget and all four members): AutoAttack's standard ensemble
+  as a sum of its members. That is its cost where every image survives to Square (a fully
+  robust model, no early stops); members after APGD-CE only attack the images still robust, so on
+  a model with robust accuracy r after APGD-CE the last three cost about r times their figure.
+Runs of the attacks are interleaved, so load from other processes hits them alike.
 
   PYTHONPATH=. python bench/bench_attacks.py --steps 10 --repeats 5        # CPU: time 10 steps
   PYTHONPATH=. python bench/bench_attacks.py --loops fori,host              # the two loop modes
-  PYTHONPATH=. python bench/bench_attacks.py --steps 100 --repeats 10      # GPU: the full budget
+  PYTHONPATH=. python bench/bench_attacks.py --attacks pgd,apgd-ce,apgd-dlr,fab-t,square --budget \\
+      --steps 5 --repeats 3 --batch_size 20                                 # AutoAttack's members
+  PYTHONPATH=. python bench/bench_attacks.py --model mlp_skinny --dataset digits --attacks \\
+      pgd,apgd-ce,apgd-dlr,fab-t,square --budget                            # a digits network
 
 The network has random weights (a non-zero logits layer, BatchNorm in inference mode) and the
-images are uniform noise: the cost of an attack step does not depend on either.
+images are uniform noise, labelled with the network's own predictions (so every image starts
+correctly classified and Square never stops early): the cost of an attack step does not depend
+on either.
 """
 from __future__ import annotations
 
@@ -26,16 +40,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import machine, random_variables  # noqa: E402
 
+BUDGET_STEPS = {"pgd": 100, "apgd-ce": 100, "apgd-dlr": 100, "fab-t": 100, "square": 5000}   # AutoAttack's
+TARGETED = ("apgd-dlr", "fab-t")
+ENSEMBLE = ("apgd-ce", "apgd-dlr", "fab-t", "square")
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="attack steps per timed run")
+    p.add_argument("--steps", type=int, default=10, help="attack steps (Square: queries) per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per attack (after one warm-up)")
     p.add_argument("--batch_size", type=int, default=100, help="images per batch")
+    p.add_argument("--model", default="resnet18", help="models.MODELS")
+    p.add_argument("--dataset", default="cifar10", help="input shape and classes: cifar10 or digits")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
     p.add_argument("--dynamics", default="standard", help="dynamics attacked (models.DYNAMICS)")
-    p.add_argument("--attacks", default="pgd,apgd-ce", help="comma-separated: pgd, apgd-ce, apgd-dlr (one target)")
+    p.add_argument("--attacks", default="pgd,apgd-ce",
+                   help="comma-separated: pgd, apgd-ce, apgd-dlr (one target), fab-t (one target), square")
+    p.add_argument("--budget", action="store_true",
+                   help="also print each attack's (and the ensemble's) extrapolated cost per image at "
+                        "AutoAttack's budgets")
     p.add_argument("--loops", default="auto",
                    help="comma-separated loop modes to time (NTK_ATTACK_LOOP: auto, fori, host); 'fori,host' "
                         "also prints their ratio")
@@ -46,10 +70,12 @@ def main(argv=None):
     import numpy as np
 
     import attacks
+    import data
     import models
 
-    init, apply = models.get_model("resnet18", 10, args.width)
-    shape = (args.batch_size, 32, 32, 3)
+    num_classes = data.num_classes_of(args.dataset)
+    init, apply = models.get_model(args.model, num_classes, args.width)
+    shape = (args.batch_size,) + tuple(data.INPUT_SHAPES[args.dataset])
     params, state = random_variables(init, shape)
     predict = attacks.make_predict(apply, args.dynamics)
     theta0 = params
@@ -58,7 +84,7 @@ def main(argv=None):
     variables = (params, theta0, state)
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
-    y = jnp.asarray(rng.integers(0, 10, args.batch_size).astype(np.int32))
+    y = jnp.argmax(predict(variables, x), -1).astype(jnp.int32)
     eps = 4 / 255
     key = jax.random.PRNGKey(0)
 
@@ -69,6 +95,9 @@ def main(argv=None):
                                         norm="linf", loss="ce"),
         "apgd-dlr": lambda: attacks.apgd(predict, variables, x, y, key, eps, steps=args.steps,
                                          norm="linf", loss="dlr-t", target_rank=0),
+        "fab-t": lambda: attacks.fab_t(predict, variables, x, y, key, eps, steps=args.steps, norm="linf"),
+        "square": lambda: jnp.asarray(attacks.square(predict, variables, x, y, key, eps, queries=args.steps,
+                                                     norm="linf")),
     }
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     for n in names:
@@ -82,19 +111,22 @@ def main(argv=None):
         runners[case[0]]().block_until_ready()
 
     info = machine()
+    info["load_avg_1min_at_start"] = os.getloadavg()[0]
     compile_s = {}
     for c in cases:   # warm-up: compile and run once
         t = time.perf_counter()
         run(c)
         compile_s[c] = time.perf_counter() - t
     times = {c: [] for c in cases}
+    cpu0 = time.process_time()
     for _ in range(args.repeats):
         for c in cases:   # interleaved
             t = time.perf_counter()
             run(c)
             times[c].append(time.perf_counter() - t)
-    config = {"model": "resnet18", "width": args.width, "batch_size": args.batch_size, "steps": args.steps,
-              "norm": "linf", "dynamics": args.dynamics, "repeats": args.repeats}
+    config = {"model": args.model, "dataset": args.dataset, "width": args.width if args.model == "resnet18" else None,
+              "batch_size": args.batch_size, "steps": args.steps, "norm": "linf", "dynamics": args.dynamics,
+              "repeats": args.repeats, "process_cpu_s_timed_runs": round(time.process_time() - cpu0, 1)}
     med = {c: statistics.median(t) for c, t in times.items()}
     for (n, m) in cases:
         os.environ["NTK_ATTACK_LOOP"] = m
@@ -111,6 +143,29 @@ def main(argv=None):
         for n in names:
             print(json.dumps({"bench": "fori_over_host", "attack": n, **config, "machine": info,
                               "ratio_of_medians": round(med[n, "fori"] / med[n, "host"], 3)}), flush=True)
+    if args.budget:
+        targets = min(9, num_classes - 1)
+        for m in loops:
+            per_image = {}
+            for n in names:
+                runs = targets if n in TARGETED else 1
+                per_image[n] = med[n, m] / args.steps * BUDGET_STEPS[n] * runs / args.batch_size
+            pgd100 = per_image.get("pgd")
+            for n in names:
+                runs = targets if n in TARGETED else 1
+                print(json.dumps({"bench": "attack_full_budget", "attack": n, "loop": m, **config, "machine": info,
+                                  "runs": runs, "steps_per_run": BUDGET_STEPS[n],
+                                  "s_per_image": round(per_image[n], 4),
+                                  "over_pgd100": None if pgd100 is None else round(per_image[n] / pgd100, 2),
+                                  "extrapolated_from_steps": args.steps}), flush=True)
+            if all(n in names for n in ENSEMBLE):
+                total = sum(per_image[n] for n in ENSEMBLE)
+                print(json.dumps({"bench": "ensemble_full_budget", "loop": m, **config, "machine": info,
+                                  "members": list(ENSEMBLE), "every_image_survives_to_square": True,
+                                  "s_per_image": round(total, 4),
+                                  "share": {n: round(per_image[n] / total, 3) for n in ENSEMBLE},
+                                  "over_pgd100": None if pgd100 is None else round(total / pgd100, 1),
+                                  "extrapolated_from_steps": args.steps}), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Tests of the Tsilivis & Kempe analyses: kernel_analysis.py (pure math) and analyze_ntk.py
 (end to end on a width-2 ResNet on digits)."""
-import os
 
 import jax
 import jax.numpy as jnp

@@ -66,7 +66,8 @@ def _outputs(model_path, bonus_dir, save_name):
 def test_dumped_examples_reproduce_robust_accuracy_and_transfer(ckpts):
     eps = 20.0   # in 1/255: large enough on 8x8 digits for the attack to bite
     run_eval("--model_path", ckpts["a"], "--save_examples", "--bonus_dir", "out", "--save_name", "a",
-             "--eps", str(eps), "--pgd_steps", "20", "--attack", "ensemble", "--n_target_classes", "3")
+             "--eps", str(eps), "--pgd_steps", "20", "--attack", "ensemble", "--n_target_classes", "3",
+             "--fab_steps", "5", "--square_queries", "50")
     res, summary, adv = _outputs(ckpts["a"], "out", "a")
     ds = data.load_dataset("digits")
     n = len(ds.y_test)
@@ -78,7 +79,9 @@ def test_dumped_examples_reproduce_robust_accuracy_and_transfer(ckpts):
         assert k in summary
     assert summary["attack"] == "ensemble" and summary["n_images"] == n and summary["steps"] == 20
     assert summary["eps"] == pytest.approx(eps / 255) and summary["dynamics"] == "standard"
-    assert set(summary["per_attack"]) == {"pgd", "apgd-ce", "apgd-dlr"}
+    assert list(summary["per_attack"]) == ["apgd-ce", "apgd-dlr", "fab-t", "square"]
+    assert summary["attack_config"]["square_queries"] == 50 and summary["attack_config"]["fab_steps"] == 5
+    assert summary["per_attack"]["square"]["cumulative_correct"] == summary["correct_robust"]
 
     # Dumped examples: N x C x H x W, labels, inside the eps-ball of their clean image and [0,1].
     images = adv["images"]

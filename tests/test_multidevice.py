@@ -3,8 +3,8 @@
 XLA_FLAGS=--xla_force_host_platform_device_count=N only takes effect before jax is imported, so
 this file is also the worker: `python tests/test_multidevice.py OUT.npz` computes, on however
 many devices its environment gives it, a short run_exp.py run (adversarial phase 1 and phase 2,
-batch 16 over 110 images, so the last batch of 14 does not divide by 4), an ensemble
-evaluation with batch size 10 (padded to 12 on 4 devices), and empirical NTKs of a small MLP
+batch 16 over 110 images, so the last batch of 14 does not divide by 4), evaluations under both
+ensembles with batch size 10 (padded to 12 on 4 devices), and empirical NTKs of a small MLP
 (symmetric and cross, layer-structured and generic paths, chunks that do not divide the
 images). The test runs it once with 1 device and once with 4, side by side, and compares.
 """
@@ -82,9 +82,9 @@ def worker(out_path):
     for i, leaf in enumerate(jax.tree_util.tree_leaves(ts.params)):
         res[f"step_params_{i}"] = np.asarray(leaf)
 
-    # 2. The evaluator under the ensemble (PGD, APGD-CE, APGD-T), linearized dynamics,
+    # 2. The evaluator under the fast ensemble (PGD, APGD-CE, APGD-T), linearized dynamics,
     #    batch 10 over 25 images.
-    cfg = attacks.AttackConfig(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5, name="ensemble",
+    cfg = attacks.AttackConfig(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5, name="ensemble-fast",
                                n_targets=2)
     ev = attacks.evaluate(attacks.make_predict(apply, "linear"), (theta, theta0, state), ds.x_test[:25],
                           ds.y_test[:25], batch_size=10, attack=cfg, key=jax.random.PRNGKey(3),
@@ -94,6 +94,13 @@ def worker(out_path):
     for k in ("predictions_clean", "predictions_adv", "x_adv"):
         res[f"eval_{k}"] = ev[k]
     res["eval_df_adv"] = ev["components_adv"]["df"]
+    # AutoAttack's standard set: members re-batch the examples still robust (padded again).
+    cfg = attacks.AttackConfig(norm="linf", eps=8 / 255, steps=5, name="ensemble", n_targets=2, fab_steps=5,
+                               square_queries=30)
+    aa = attacks.evaluate(attacks.make_predict(apply, "linear"), (theta, theta0, state), ds.x_test[:25],
+                          ds.y_test[:25], batch_size=10, attack=cfg, key=jax.random.PRNGKey(3), keep_examples=True)
+    info["aa_breakdown"] = aa["attacks"]
+    res["eval_predictions_aa"], res["aa_x_adv"] = aa["predictions_adv"], aa["x_adv"]
 
     # 3. The NTK engine: a small budget so the 10 images span several chunks.
     f = ntk.NetFn(apply, state)
@@ -152,6 +159,8 @@ def test_four_devices_equal_one(tmp_path):
     assert info4["epoch_acc"] == info1["epoch_acc"]
     np.testing.assert_array_equal(many["eval_predictions_clean"], one["eval_predictions_clean"])
     np.testing.assert_array_equal(many["eval_predictions_adv"], one["eval_predictions_adv"])
+    assert info4["aa_breakdown"] == info1["aa_breakdown"]
+    np.testing.assert_array_equal(many["eval_predictions_aa"], one["eval_predictions_aa"])
 
     # Floats within tolerance; the measured differences are printed (pytest -s).
     diffs = {}
