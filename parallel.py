@@ -26,20 +26,114 @@ Batches whose size is not a multiple of the device count
   speed-up. Masking the padded rows out of the loss and of BatchNorm would work too, but needs
   changes inside the models; replication needs none.
 
-Multi-host (several processes, each with its own devices) works through the same code once
-`jax.distributed.initialize()` has run: `jax.devices()` then lists every process's devices.
+Several processes (multi-host)
+------------------------------
+The same code runs one process per host (or several processes on one machine) once
+`jax.distributed.initialize()` has run: `jax.devices()` then lists every process's devices and
+the mesh spans them all. `init_distributed()`, which every script calls first (through
+`utils.run_main`), does that when the environment asks for it:
+
+- NTK_NUM_PROCESSES=N, NTK_PROCESS_ID=i, NTK_COORDINATOR=host:port: an explicit job (by hand,
+  or from any launcher that can set per-process variables);
+- NTK_DISTRIBUTED=1: `jax.distributed.initialize()` with no arguments, which finds them itself
+  under SLURM (`srun`), Open MPI (`mpirun`) and on Cloud TPU pods;
+- neither: a single process, nothing is called.
+
+NTK_DISTRIBUTED_TIMEOUT (seconds) bounds the wait for the other processes at start, the silence
+after which the coordinator declares a process dead and the wait at exit (JAX's defaults when
+unset: 300 s, 100 s, 300 s). A process that dies makes the others abort with JAX's "another task
+died" error instead of waiting forever. On CPU the collectives use gloo.
+
 Each process must feed the same batch (the scripts' seeded data order guarantees it), and
-per-example results are brought back with `to_host`, which gathers across processes. This is
-written for, but not tested on, several hosts.
+per-example results are brought back with `to_host`, which gathers across processes. Only
+process 0 writes files (`is_writer`; utils' writers check it), so the processes may share an
+output directory.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import numpy as np
 
 AXIS = "data"
+
+
+class DistributedError(Exception):
+    """The environment asks for a multi-process job but does not describe one correctly."""
+
+
+def _env_int(env, name):
+    raw = env.get(name, "").strip()
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"{name} must be an integer (got {raw!r})") from None
+
+
+def distributed_settings(environ=None):
+    """The `jax.distributed.initialize` keyword arguments the environment asks for, or None for
+    a single process (see the module docstring for the variables)."""
+    env = os.environ if environ is None else environ
+    explicit = [k for k in ("NTK_NUM_PROCESSES", "NTK_PROCESS_ID", "NTK_COORDINATOR") if env.get(k, "").strip()]
+    auto = env.get("NTK_DISTRIBUTED", "").strip().lower() in ("1", "true", "yes", "auto")
+    if not explicit and not auto:
+        return None
+    kwargs = {}
+    raw_timeout = env.get("NTK_DISTRIBUTED_TIMEOUT", "").strip()
+    if raw_timeout:
+        try:
+            timeout = int(float(raw_timeout))
+        except ValueError:
+            timeout = 0
+        if timeout < 1:
+            raise DistributedError(f"NTK_DISTRIBUTED_TIMEOUT must be a number of seconds >= 1 (got {raw_timeout!r})")
+        kwargs = {"initialization_timeout": timeout, "heartbeat_timeout_seconds": timeout,
+                  "shutdown_timeout_seconds": timeout}
+    if not explicit:
+        return kwargs
+    if len(explicit) < 3:
+        missing = sorted({"NTK_NUM_PROCESSES", "NTK_PROCESS_ID", "NTK_COORDINATOR"} - set(explicit))
+        raise DistributedError(f"{', '.join(explicit)} set but not {', '.join(missing)}: a multi-process "
+                               f"job needs all three")
+    n, i = _env_int(env, "NTK_NUM_PROCESSES"), _env_int(env, "NTK_PROCESS_ID")
+    if n < 1 or not 0 <= i < n:
+        raise DistributedError(f"NTK_PROCESS_ID must lie in [0, NTK_NUM_PROCESSES) (got {i} of {n})")
+    address = env["NTK_COORDINATOR"].strip()
+    if ":" not in address:
+        raise DistributedError(f"NTK_COORDINATOR must be host:port (got {address!r})")
+    return {**kwargs, "coordinator_address": address, "num_processes": n, "process_id": i}
+
+
+def init_distributed():
+    """Join the multi-process job the environment describes (a no-op for a single process, or
+    if already joined). Must run before anything else touches JAX's devices. Returns the number
+    of processes."""
+    import jax
+    kwargs = distributed_settings()
+    if kwargs is None or jax.distributed.is_initialized():
+        return jax.process_count() if kwargs is not None else 1
+    if "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in os.environ:
+        # Without it, CPU devices of different processes cannot exchange data; GPUs use NCCL.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    where = kwargs.get("coordinator_address", "found by jax.distributed")
+    who = (f"process {kwargs['process_id']} of {kwargs['num_processes']}" if "process_id" in kwargs
+           else "a multi-process job")
+    print(f"joining {who} (coordinator {where})", file=sys.stderr, flush=True)
+    jax.distributed.initialize(**kwargs)
+    print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} local "
+          f"device(s), {jax.device_count()} in all", file=sys.stderr, flush=True)
+    return jax.process_count()
+
+
+def is_writer():
+    """True in the process that writes the outputs: the only one, or process 0 of a
+    multi-process job. Cheap: it never starts JAX's backend itself."""
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return True
+    return jax.process_index() == 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -128,5 +222,5 @@ def to_host(x):
     return np.asarray(x)
 
 
-__all__ = ["AXIS", "mesh", "num_devices", "enabled", "replicated", "batch_sharded", "padded_size",
+__all__ = ["AXIS", "DistributedError", "distributed_settings", "init_distributed", "is_writer", "mesh", "num_devices", "enabled", "replicated", "batch_sharded", "padded_size",
            "replicate", "shard_batch", "to_host"]

@@ -145,7 +145,7 @@ class Run:
         self._steps = {}
         self.metrics = MetricsLog(os.path.join(args.save_path, "metrics.jsonl"))
         if not args.resume:
-            open(self.metrics.path, "w").close()
+            self.metrics.reset()
             atomic_json(os.path.join(args.save_path, "config.json"), run_config(args))
 
     def _load_data(self):

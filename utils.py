@@ -30,7 +30,14 @@ def enable_compilation_cache():
 
 
 def run_main(fn, args):
-    """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2."""
+    """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2. Joins a
+    multi-process job first when the environment describes one (parallel.init_distributed)."""
+    import parallel
+    try:
+        parallel.init_distributed()
+    except parallel.DistributedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     enable_compilation_cache()
     try:
         return fn(args)
@@ -112,7 +119,11 @@ def _umask():
 
 def atomic_write_bytes(path, data: bytes):
     """Write `data` to `path` via a temp file in the same directory and a rename, so a crash
-    or a full disk leaves any previous file intact."""
+    or a full disk leaves any previous file intact. Only process 0 of a multi-process job
+    writes (parallel.is_writer)."""
+    import parallel
+    if not parallel.is_writer():
+        return
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
@@ -177,11 +188,20 @@ def run_config(args):
 
 
 class MetricsLog:
-    """Append-only `metrics.jsonl`: one JSON object per line."""
+    """Append-only `metrics.jsonl`: one JSON object per line (written by process 0 only)."""
 
     def __init__(self, path):
         self.path = path
 
+    def reset(self):
+        """Start the file empty."""
+        import parallel
+        if parallel.is_writer():
+            open(self.path, "w").close()
+
     def write(self, **record):
+        import parallel
+        if not parallel.is_writer():
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, default=_json_default) + "\n")

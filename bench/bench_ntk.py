@@ -33,13 +33,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 BLOCK = 4  # the reference's block size
 
 
-def _setup(width, class_index):
+def _setup(width, class_index, model="resnet18"):
     import jax.numpy as jnp
 
     import models
     import ntk
     from common import random_variables
-    init, apply = models.get_model("resnet18", 10, width)
+    init, apply = models.get_model(model, 10, width)
     params, state = random_variables(init, (1, 32, 32, 3))
     f = ntk.NetFn(apply, state)
 
@@ -90,7 +90,7 @@ def child(args):
 
     import ntk
     from common import machine
-    f, logit, params, jnp = _setup(args.width, args.class_index)
+    f, logit, params, jnp = _setup(args.width, args.class_index, args.model)
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(args.n, 32, 32, 3)).astype(np.float32))
     if args.side == "engine":
         def run():
@@ -116,7 +116,7 @@ def child(args):
         times.append(time.time() - t)
         all_stats.append(stats)
     line = {"bench": "ntk", "side": args.side, "n": args.n, "class_index": args.class_index,
-            "width": args.width, "repeats": args.repeats, "warmup_s": round(warm, 2),
+            "model": args.model, "width": args.width, "repeats": args.repeats, "warmup_s": round(warm, 2),
             "seconds_median": round(statistics.median(times), 2), "seconds_all": [round(t, 2) for t in times],
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
             "symmetric_max_abs": float(np.abs(k - k.T).max()), "trace": float(np.trace(k)),
@@ -161,6 +161,8 @@ def main(argv=None):
     p.add_argument("--memory_gb", type=float, default=None, help="engine budget (default: ntk.DEFAULT_MEMORY_GB)")
     p.add_argument("--class_index", type=int, default=0, help="class logit of the kernel")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
+    p.add_argument("--model", default="resnet18",
+                   help="network (models.MODELS); anything but resnet18 only for quick checks of this script")
     p.add_argument("--check", action="store_true",
                    help="also compare the engine's and the baseline's kernels at the smallest common n")
     # internal: one configuration in a subprocess
@@ -186,10 +188,14 @@ def main(argv=None):
     def spawn(side, n, repeats):
         cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--n", str(n),
                "--repeats", str(repeats), "--memory_gb", str(args.memory_gb),
-               "--class_index", str(args.class_index), "--width", str(args.width)]
+               "--class_index", str(args.class_index), "--width", str(args.width), "--model", args.model]
         if args.check and common and n == common[0]:
             cmd += ["--save_kernel", os.path.join(tmp, f"{side}.npy")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"bench_ntk: the {side} n={n} child failed (exit {proc.returncode})")
+        out = proc.stdout
         line = json.loads(out.strip().splitlines()[-1])
         print(json.dumps(line), flush=True)
         results[(side, n)] = line
@@ -200,7 +206,7 @@ def main(argv=None):
         spawn("baseline", n, args.baseline_repeats)
 
     import ntk
-    f, _, params, _ = _setup(args.width, args.class_index)
+    f, _, params, _ = _setup(args.width, args.class_index, args.model)
     gflops = matmul_gflops()
     n_max = max(engine_n)
     floor_flop = ntk.flops_floor(params, n_max)

@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=128, help="train batch size")
     p.add_argument("--pgd_batch_size", type=int, default=128, help="batch size of the PGD-20 measurement")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width")
+    p.add_argument("--model", default="resnet18",
+                   help="network (models.MODELS); anything but resnet18 only for quick checks of this script")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--feed_steps", type=int, default=3, help="steps in each data-feeding loop")
     p.add_argument("--matmul_n", type=int, default=4096, help="size of the square matmul for the peak")
@@ -137,21 +139,22 @@ def run(args):
         peak = 2 * n ** 3 / _median(walls) / 1e9
         emit("matmul_peak", {"n": n, "dtype": "float32"}, walls, cpus, warm, gflops_per_s=peak)
 
-    init, apply = models.get_model("resnet18", 10, args.width)
+    init, apply = models.get_model(args.model, 10, args.width)
     key = jax.random.PRNGKey(0)
     x = jax.device_put(jnp.asarray(x_np[:B]))
     y = jax.device_put(jnp.asarray(y_np[:B]))
     params, net_state = init(key, x, True)
     # The logits layer is zero at init; perturb it so gradients flow as in real training.
     params = dict(params)
-    params["res_net18/~/logits"] = jax.tree_util.tree_map(
-        lambda w: w + 0.01 * jax.random.normal(key, w.shape, w.dtype), params["res_net18/~/logits"])
+    if "res_net18/~/logits" in params:
+        params["res_net18/~/logits"] = jax.tree_util.tree_map(
+            lambda w: w + 0.01 * jax.random.normal(key, w.shape, w.dtype), params["res_net18/~/logits"])
     opt = train.make_optimizer(0.1)
 
     def fresh_state():
         return train.TrainState(params, net_state, opt.init(params), jnp.zeros((), jnp.int32))
 
-    cfg = {"model": "resnet18", "width": args.width, "num_classes": 10, "batch_size": B,
+    cfg = {"model": args.model, "width": args.width, "num_classes": 10, "batch_size": B,
            "input_shape": [32, 32, 3], "data": source}
 
     for name, dynamics, is_training in (("train_standard", "standard", True),
