@@ -45,6 +45,7 @@ from utils import UserError
 
 CHECKPOINT_RE = re.compile(r"^parameters_checkpoint_(\d+(?:\.\d+)?)\.pkl$")
 MASS_KS = (10, 20)
+DYNAMICS_FIGURES = ("polar_dynamics.png", "polar_vs_epoch.png", "eigenvalue_mass.png")
 
 
 # ======================================================================================
@@ -53,7 +54,7 @@ MASS_KS = (10, 20)
 def _add_common(p):
     cli.add_network_args(p)
     cli.add_class_index(p)
-    p.add_argument("--random_seed", type=int, default=0, help="seed of the image subsets and attack noise")
+    p.add_argument("--random_seed", type=cli.seed, default=0, help="seed of the image subsets and attack noise")
     cli.add_memory_gb(p)
     p.add_argument("--out_dir", default=None, help="directory for the outputs (created)")
     cli.add_no_progress(p)
@@ -97,7 +98,7 @@ def build_parser():
                    "(dynamics), eigen-feature usefulness/robustness (features), training-free "
                    "kernel-predictor attacks (attack). Each subcommand has its own flags: "
                    "python analyze_ntk.py SUBCOMMAND --help lists them.", list(EXAMPLES.values()))
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{dynamics,features,attack}")
 
     d = _subcommand(sub, "dynamics", "kernel motion across the checkpoints of one or more runs")
     d.add_argument("--runs", nargs="+", default=None,
@@ -176,12 +177,48 @@ def _load_data(name, data_dir, input_shape):
 
 
 def _epoch_axis(ax, epochs):
-    """Symlog x-axis whose linear part ends at the smallest positive epoch, so 0, 0.125, ... show."""
+    """Symlog x-axis from epoch 0 (no negative epochs): linear up to the smallest positive epoch,
+    logarithmic above, so 0, 0.125, ... and 20 all show."""
     pos = [e for e in epochs if e > 0]
     if pos:
-        ax.set_xscale("symlog", linthresh=min(pos))
-    ax.set_xlabel("epoch (symlog)")
+        ax.set_xscale("symlog", linthresh=min(pos), linscale=0.5)
+        ax.set_xlim(0, max(pos) * 1.15)
+        ax.set_xlabel(f"epoch (linear to {min(pos):g}, log above)")
+    else:
+        ax.set_xlabel("epoch")
     ax.grid(alpha=0.3)
+
+
+# Flags that do not change what an analysis computes.
+NOT_INPUTS = ("out_dir", "no_progress", "memory_gb", "data_dir", "save_name")
+
+
+def analysis_inputs(args, **resolved):
+    """What an analysis' outputs are made from: its flags (paths absolute), recorded in its JSON as
+    'inputs' so that a rerun with the same inputs may replace the outputs and other inputs may not."""
+    inputs = {k: v for k, v in vars(args).items() if k not in NOT_INPUTS}
+    if getattr(args, "model_path", None) is not None:
+        inputs["model_path"] = os.path.abspath(args.model_path)
+    if getattr(args, "runs", None) is not None:
+        inputs["runs"] = [os.path.abspath(r) for r in args.runs]
+    if getattr(args, "kernel_files", None) is not None:
+        inputs["kernel_files"] = [[os.path.abspath(f) for f in files] for files in args.kernel_files]
+    inputs.update(resolved)
+    return inputs
+
+
+def check_outputs(files, json_path, inputs, what):
+    """Refuse to replace `files` (or `json_path`) made from other inputs (utils.check_replace)."""
+    import json
+    existing = utils.existing_files([json_path] + [f for f in files if f != json_path])
+    recorded = None
+    if existing:
+        try:
+            with open(json_path) as f:
+                recorded = json.load(f).get("inputs")
+        except (OSError, ValueError, AttributeError):
+            pass
+    utils.check_replace(existing, recorded, inputs, what, "give another --out_dir, or delete those files")
 
 
 def _save_fig(fig, path):
@@ -197,9 +234,13 @@ def _save_fig(fig, path):
 # ======================================================================================
 # dynamics
 # ======================================================================================
+def _safe(label):
+    """A run label as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
 def _cache_path(cache_dir, label, epoch, class_index, n):
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-    return os.path.join(cache_dir, safe, f"kernel_epoch_{epoch:g}{cli.class_suffix(class_index, n)}.pkl")
+    return os.path.join(cache_dir, _safe(label), f"kernel_epoch_{epoch:g}{cli.class_suffix(class_index, n)}.pkl")
 
 
 def _cached_kernel(path, model_path, indices, class_index, dataset):
@@ -256,8 +297,7 @@ def _run_kernels_from_files(files):
     rows = []
     indices0 = None
     for pos, path in enumerate(files):
-        if not os.path.isfile(path):
-            raise UserError(f"--kernel_files {path} does not exist")
+        utils.check_file(path, "--kernel_files", "a kernel file", hints=("saved_kernel*.pkl", "*.pkl"))
         obj = utils.restricted_load(path)
         if not isinstance(obj, dict) or "kernel" not in obj:
             raise UserError(f"--kernel_files {path} is not a kernel file (no 'kernel')")
@@ -311,31 +351,39 @@ def _dynamics_figures(results, k_count, out_dir):
     all_epochs = sorted({e for r in results.values() for e in r["epochs"]})
     parts = (("full", "full kernel"), ("top", f"top-{k_count} eigenspace"), ("bottom", f"bottom-{k_count} eigenspace"))
 
+    # One colour scale for every run's distance matrix, so the figures compare.
+    vmax = max(float(np.max(r["distance_matrix"])) for r in results.values()) or 1.0
+    shared = len(results) > 1
     for label, r in results.items():
         fig, ax = plt.subplots(figsize=(6.4, 5.2))
         ticks = [f"{e:g}" for e in r["epochs"]]
         sns.heatmap(np.asarray(r["distance_matrix"]), ax=ax, xticklabels=ticks, yticklabels=ticks,
-                    cmap="viridis", square=True, cbar_kws={"label": "kernel distance d(K_s, K_t)"})
+                    cmap="viridis", square=True, vmin=0.0, vmax=vmax,
+                    cbar_kws={"label": "kernel distance d(K_s, K_t)" + (" (scale shared by all runs)" if shared else "")})
         ax.set_xlabel("epoch")
         ax.set_ylabel("epoch")
         ax.set_title(f"{label}: kernel distance across checkpoints")
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-        files.append(_save_fig(fig, os.path.join(out_dir, f"kernel_distance_{safe}.png")))
+        files.append(_save_fig(fig, os.path.join(out_dir, f"kernel_distance_{_safe(label)}.png")))
 
     # Polar plots: angle = arccos(similarity to K_0), radius = normalised distance from K_0.
-    fig = plt.figure(figsize=(15, 5))
+    fig = plt.figure(figsize=(15, 5.6))
     for j, (part, title) in enumerate(parts):
         ax = fig.add_subplot(1, 3, j + 1, projection="polar")
         max_angle = max(max(r["polar"][part]["angle"]) for r in results.values())
         for i, (label, r) in enumerate(results.items()):
             pol = r["polar"][part]
-            ax.plot(pol["angle"], pol["radius"], "-o", ms=3, color=colors[i % len(colors)], label=label)
-            ax.annotate(f"{r['epochs'][-1]:g}", (pol["angle"][-1], pol["radius"][-1]), fontsize=7)
+            c = colors[i % len(colors)]
+            ax.plot(pol["angle"], pol["radius"], "-o", ms=3, color=c,
+                    label=f"{label} (epochs {r['epochs'][0]:g} to {r['epochs'][-1]:g}, star: last)" if j == 0 else None)
+            ax.plot(pol["angle"][-1], pol["radius"][-1], "*", ms=13, color=c, markeredgecolor="k", markeredgewidth=0.5)
+        # at least a 10-degree wedge, so the angle labels never pile up on a near-zero angle
         ax.set_thetamin(0)
-        ax.set_thetamax(max(1.0, min(180.0, np.degrees(max_angle) * 1.15)))
-        ax.set_title(f"{title}\nangle = arccos sim(K_t, K_0), radius = |K_t-K_0| / |K_T-K_0|", fontsize=9)
-        if j == 0:
-            ax.legend(loc="upper left", bbox_to_anchor=(-0.15, 1.1), fontsize=8)
+        ax.set_thetamax(min(180.0, max(10.0, 10.0 * np.ceil(np.degrees(max_angle) * 1.1 / 10.0))))
+        ax.set_title(title, fontsize=11, pad=12)
+    fig.suptitle("polar dynamics of the kernel: angle = arccos sim(K_t, K_0), radius = |K_t - K_0| / |K_T - K_0|",
+                 fontsize=11)
+    fig.legend(loc="lower center", ncol=len(results), fontsize=9, frameon=False)
+    fig.subplots_adjust(bottom=0.14, top=0.82, wspace=0.3)
     files.append(_save_fig(fig, os.path.join(out_dir, "polar_dynamics.png")))
 
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True)
@@ -350,10 +398,11 @@ def _dynamics_figures(results, k_count, out_dir):
         axes[1, j].set_ylabel("angle to K_0 (degrees)")
         for ax in axes[:, j]:
             _epoch_axis(ax, all_epochs)
+        axes[0, j].set_xlabel("")
     axes[0, 0].legend()
     files.append(_save_fig(fig, os.path.join(out_dir, "polar_vs_epoch.png")))
 
-    fig, axes = plt.subplots(1, 4, figsize=(19, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
     for i, (label, r) in enumerate(results.items()):
         c = colors[i % len(colors)]
         for j, m in enumerate(MASS_KS):
@@ -363,15 +412,17 @@ def _dynamics_figures(results, k_count, out_dir):
         axes[3].plot([e for e, _ in v], [x for _, x in v], "-o", ms=3, color=c, label=label)
     for j, m in enumerate(MASS_KS):
         axes[j].set_title(f"top-{m} eigenvalue mass")
-        axes[j].set_ylabel(f"sum_(i<={m}) lambda_i^2 / sum_i lambda_i^2")
+        axes[j].set_ylabel(rf"$\sum_{{i \leq {m}}} \lambda_i^2 \,/\, \sum_i \lambda_i^2$")
         axes[j].set_ylim(0, 1.02)
     axes[2].set_title("kernel distance to K_0")
+    axes[2].set_ylabel("d(K_0, K_t)")
     axes[3].set_title("kernel velocity")
     axes[3].set_ylabel("d(K_t-1, K_t) / (epoch_t - epoch_t-1)")
     axes[3].set_yscale("log")
     for ax in axes:
         _epoch_axis(ax, all_epochs)
     axes[0].legend()
+    fig.tight_layout()
     files.append(_save_fig(fig, os.path.join(out_dir, "eigenvalue_mass.png")))
     return files
 
@@ -393,7 +444,13 @@ def run_dynamics(args):
     if len(set(labels)) != len(labels):
         raise UserError(f"runs need distinct labels (got {labels}); pass --labels")
     out_dir = args.out_dir or "ntk_analysis"
-    utils.check_writable_dir(out_dir, "--out_dir")
+    figure_names = [f"kernel_distance_{_safe(label)}.png" for label in labels] + list(DYNAMICS_FIGURES)
+    json_path = os.path.join(out_dir, "dynamics.json")
+
+    def check_out_dir():
+        check_outputs([os.path.join(out_dir, f) for f in figure_names], json_path,
+                      analysis_inputs(args, labels=labels), "a kernel-dynamics analysis")
+        utils.check_writable_dir(out_dir, "--out_dir")
 
     results, computed = {}, 0
     if args.runs is not None:
@@ -408,6 +465,7 @@ def run_dynamics(args):
         x_sub, y_sub, indices = data.balanced_subset(ds.x_train, ds.y_train, args.dataset_size, args.random_seed,
                                                      ds.num_classes, "--dataset_size")
         subset = (x_sub, y_sub, indices, first.dataset)
+        check_out_dir()
         cache_dir = os.path.join(out_dir, "kernel_cache")
         total = sum(len(c) for c in ckpt_lists)
         with _progress(args, total=total, desc="kernels", unit="ckpt") as bar:
@@ -419,10 +477,14 @@ def run_dynamics(args):
                                   **analyse_run(epochs, kernels, min(args.k, len(indices)))}
         print(f"{computed} kernels computed, {total - computed} reused from {cache_dir}")
     else:
+        loaded = []
         for label, files in zip(labels, args.kernel_files):
             epochs, paths, kernels = _run_kernels_from_files(files)
             if len(kernels) < 2:
                 raise UserError(f"run {label} has {len(kernels)} kernel file; need at least 2")
+            loaded.append((label, epochs, paths, kernels))
+        check_out_dir()
+        for label, epochs, paths, kernels in loaded:
             results[label] = {"source": "kernel_files", "checkpoints": paths,
                               **analyse_run(epochs, kernels, min(args.k, len(kernels[0])))}
 
@@ -436,8 +498,7 @@ def run_dynamics(args):
                    "top/bottom": "K_t restricted to its own k largest / smallest eigenvalues (U_k diag(l_k) U_k^T)",
                    "mass_topm": "sum_{i<=m} l_i^2 / sum_i l_i^2",
                    "velocity": "d(K_{t-1}, K_t) / (epoch_t - epoch_{t-1})"},
-               "runs": results, "figures": files}
-    json_path = os.path.join(out_dir, "dynamics.json")
+               "runs": results, "figures": files, "inputs": analysis_inputs(args, labels=labels)}
     utils.atomic_json(json_path, summary)
     for label, r in results.items():
         e = r["epochs"]
@@ -468,16 +529,13 @@ class PredictorSetup:
     ridge (absolute), logits_fn (jit-stable kernel_fn(x) @ weights)."""
 
     def __init__(self, args):
-        import jax.numpy as jnp
-
+        """Check every input and draw the image subsets (no kernel yet: see `fit`)."""
         import data
-        import kernel_analysis as ka
-        import ntk
         for flag in ("n_train", "n_test", "steps", "batch_size"):
             if getattr(args, flag) <= 0:
                 raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
-        if args.eps < 0 or args.ridge < 0:
-            raise UserError("--eps and --ridge must be >= 0")
+        if not (0 <= args.eps < float("inf") and 0 <= args.ridge < float("inf")):
+            raise UserError(f"--eps and --ridge must be finite and >= 0 (got {args.eps:g} and {args.ridge:g})")
         self.net = net = open_network(args.model_path, args)
         cli.check_class_index(args.class_index, net.num_classes, net.dataset)
         classes = list(range(net.num_classes)) if args.classes is None else sorted(set(args.classes))
@@ -498,8 +556,16 @@ class PredictorSetup:
 
         self.x_train, self.y_train, self.train_indices = task_subset(ds.x_train, ds.y_train, args.n_train, "--n_train")
         self.x_test, self.y_test, self.test_indices = task_subset(ds.x_test, ds.y_test, args.n_test, "--n_test")
-        self.f, self.params = net.kernel_fn(args.use_linear_params)
+
+    def fit(self, args):
+        """The kernels K(X,X), K(x_test,X) and the fitted predictor (the work; inputs are checked)."""
+        import jax.numpy as jnp
+
+        import kernel_analysis as ka
+        import ntk
+        self.f, self.params = self.net.kernel_fn(args.use_linear_params)
         ci = _class_index(args)
+        c = len(self.classes)
         x_ref = jnp.asarray(self.x_train)
         self.kernel_at = lambda x: np.asarray(ntk.empirical_ntk(self.f, self.params, jnp.asarray(x), x_ref,
                                                                 class_index=ci, memory_gb=args.memory_gb), np.float64)
@@ -556,8 +622,12 @@ def run_features(args):
     if args.n_features < 0 or args.n_tail < 0:
         raise UserError("--n_features and --n_tail must be >= 0")
     out_dir = _default_out_dir(args)
-    utils.check_writable_dir(out_dir, "--out_dir")
     s = PredictorSetup(args)
+    fig_path, json_path = os.path.join(out_dir, "eigen_features.png"), os.path.join(out_dir, "eigen_features.json")
+    inputs = analysis_inputs(args)
+    check_outputs([fig_path], json_path, inputs, "an eigen-feature analysis")
+    utils.check_writable_dir(out_dir, "--out_dir")
+    s.fit(args)
     pred = s.predictor
     c = len(s.classes)
     idx = feature_indices(len(s.y_train), args.n_features, args.n_tail)
@@ -593,10 +663,9 @@ def run_features(args):
                "cross-entropy on the attacked feature's outputs", "chance": 1 / c,
                "full_predictor": {"acc_clean": full_clean, "acc_robust": full_robust},
                "max_abs_sum_of_features_minus_predictor": sum_error,
-               "eigenvalues": pred["evals"].tolist(), "features": per_index}
-    fig_path = _features_figure(summary, os.path.join(out_dir, "eigen_features.png"))
+               "eigenvalues": pred["evals"].tolist(), "features": per_index, "inputs": inputs}
+    _features_figure(summary, fig_path)
     summary["figures"] = [fig_path]
-    json_path = os.path.join(out_dir, "eigen_features.json")
     utils.atomic_json(json_path, summary)
     print(f"kernel predictor ({len(s.y_train)} train, {len(s.y_test)} test, classes {s.classes.tolist()}): "
           f"clean {full_clean:.3f}, PGD-{args.steps} eps {args.eps:g}/255 robust {full_robust:.3f}; "
@@ -610,13 +679,22 @@ def run_features(args):
     return summary
 
 
+def _network_name(summary):
+    """The analysed network in words: its checkpoint (run directory and file) and architecture."""
+    path = os.path.normpath(summary["model_path"])
+    short = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+    arch = summary["model"] + (f" width {summary['width']}" if summary["model"] == "resnet18" else "")
+    at = ", at lin_params" if summary.get("use_linear_params") else ""
+    return f"{short} ({arch}, {summary['dataset']}{at})"
+
+
 def _features_figure(summary, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = summary["features"]
     x = [r["index"] + 1 for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.4))
     ax = axes[0]
     ax.plot(x, [r["acc_clean"] for r in rows], "-o", ms=3, label="usefulness: clean accuracy of f_i")
     ax.plot(x, [r["acc_feature_attacked"] for r in rows], "-s", ms=3, label="robustness: accuracy of f_i under attack on f_i")
@@ -624,20 +702,21 @@ def _features_figure(summary, path):
             label="full predictor on the f_i-attacked images")
     ax.axhline(summary["chance"], color="gray", ls=":", label="chance")
     ax.axhline(summary["full_predictor"]["acc_clean"], color="k", ls="--", lw=0.8, label="full predictor, clean")
+    ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"eigen-features, PGD eps {summary['eps_255']:g}/255")
-    ax.legend(fontsize=7)
+    ax.set_title(f"accuracy per eigen-feature (PGD eps {summary['eps_255']:g}/255)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax = axes[1]
     ax.plot(x, [r["corr_clean"] for r in rows], "-o", ms=3, label="clean")
     ax.plot(x, [r["corr_feature_attacked"] for r in rows], "-s", ms=3, label="under attack on f_i")
     ax.axhline(0, color="gray", ls=":")
     ax.set_ylabel("correlation of f_i(x) with centered labels")
     ax.set_title("usefulness / robustness as label correlation")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax = axes[2]
     ev = np.asarray(summary["eigenvalues"])
     ax.plot(np.arange(1, len(ev) + 1), np.where(ev > 0, ev, np.nan), "-", lw=1)
-    ax.scatter(x, [max(r["eigenvalue"], np.nan if r["eigenvalue"] <= 0 else r["eigenvalue"]) for r in rows], s=8, c="C3")
+    ax.scatter(x, [r["eigenvalue"] if r["eigenvalue"] > 0 else np.nan for r in rows], s=8, c="C3")
     ax.set_yscale("log")
     ax.set_ylabel("eigenvalue of K(X,X)")
     ax.set_title("spectrum (red: analysed indices)")
@@ -645,6 +724,11 @@ def _features_figure(summary, path):
         ax.set_xscale("log")
         ax.set_xlabel("eigen-index i (1 = largest eigenvalue)")
         ax.grid(alpha=0.3)
+    classes = summary["classes"]
+    task = "all classes" if len(classes) == summary["num_classes"] else f"classes {', '.join(map(str, classes))}"
+    fig.suptitle(f"NTK eigen-features of {_network_name(summary)}: kernel predictor on {summary['n_train']} "
+                 f"training images, {summary['n_test']} test images, {task}", fontsize=12)
+    fig.tight_layout()
     return _save_fig(fig, path)
 
 
@@ -652,8 +736,14 @@ def run_attack(args):
     import jax
 
     out_dir = _default_out_dir(args)
-    utils.check_writable_dir(out_dir, "--out_dir")
     s = PredictorSetup(args)
+    adv_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
+    clean_path = os.path.join(out_dir, f"clean_examples_{args.save_name}.pkl")
+    json_path = os.path.join(out_dir, f"ntk_attack_{args.save_name}.json")
+    inputs = analysis_inputs(args)
+    check_outputs([adv_path, clean_path], json_path, inputs, "a kernel-predictor attack")
+    utils.check_writable_dir(out_dir, "--out_dir")
+    s.fit(args)
     pred = s.predictor
     t0 = time.time()
     x_adv = s.attack(args, pred["alpha"], args.method, jax.random.PRNGKey(args.random_seed))
@@ -663,8 +753,6 @@ def run_attack(args):
     acc_robust = s.accuracy(k_adv, pred["alpha"])
     linf = float(np.max(np.abs(x_adv - s.x_test)))
     labels = s.classes[s.y_test]  # the network's own labels, not the task's 0..C'-1
-    adv_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
-    clean_path = os.path.join(out_dir, f"clean_examples_{args.save_name}.pkl")
     utils.atomic_pickle(adv_path, {"images": np.ascontiguousarray(x_adv.transpose(0, 3, 1, 2)), "labels": labels})
     utils.atomic_pickle(clean_path, {"images": np.ascontiguousarray(s.x_test.transpose(0, 3, 1, 2)), "labels": labels})
     command = (f"python eval_and_make_adv.py --model_path {args.model_path} --test_path {adv_path} --no_adv "
@@ -675,10 +763,10 @@ def run_attack(args):
                "step_size": cli.eps_from_255(args.eps) * (1 if args.method == "fgsm" else 2 / args.steps),
                "kernel_predictor": {"acc_clean": acc_clean, "acc_robust": acc_robust},
                "max_linf_perturbation": linf, "attack_seconds": round(attack_seconds, 2),
-               "files": {"adv_examples": adv_path, "clean_examples": clean_path}, "transfer_command": command}
+               "files": {"adv_examples": adv_path, "clean_examples": clean_path}, "transfer_command": command,
+               "inputs": inputs}
     if not args.no_transfer:
         summary["network_transfer"] = _transfer(s, x_adv)
-    json_path = os.path.join(out_dir, f"ntk_attack_{args.save_name}.json")
     utils.atomic_json(json_path, summary)
     print(f"kernel predictor on {len(labels)} test images: clean {acc_clean:.3f}, "
           f"{args.method.upper()} eps {args.eps:g}/255 robust {acc_robust:.3f} (max |delta| = {linf * 255:.2f}/255)")

@@ -53,7 +53,7 @@ def build_parser():
                    help="also print the engine's plan (layer forms, chunk and panel sizes); the progress "
                         "bar is shown unless --no_progress")
     p.add_argument("--bonus_dir", default=".", help="sub-directory of the checkpoint's directory for the output")
-    p.add_argument("--random_seed", type=int, default=0, help="seed of the image subset")
+    p.add_argument("--random_seed", type=cli.seed, default=0, help="seed of the image subset")
     p.add_argument("--use_linear_params", action="store_true",
                    help="evaluate the kernel at the checkpoint's 'lin_params' (the trained theta of a phase-2 "
                         "run) instead of 'params' (theta0)")
@@ -90,6 +90,35 @@ def kernel_images(args, net):
                                 what="--dataset_size")
 
 
+# What a kernel is made from: the keys of a kernel file that must agree for a rerun to replace it.
+INPUT_KEYS = ("model_path", "use_linear_params", "class_index", "dataset_size", "random_seed", "dataset", "model",
+              "width")
+
+
+def kernel_inputs(args, net):
+    return {"model_path": os.path.abspath(args.model_path), "use_linear_params": bool(args.use_linear_params),
+            "class_index": args.class_index, "dataset_size": args.dataset_size, "random_seed": args.random_seed,
+            "dataset": net.dataset, "model": net.model, "width": net.width}
+
+
+def check_output(out_path, inputs):
+    """The reference's file name is kept, but a kernel of other inputs there (another checkpoint
+    of the same run, another seed) is never replaced: one line says so and how to keep both."""
+    import utils
+    existing = utils.existing_files([out_path])
+    recorded = None
+    if existing:
+        try:
+            obj = utils.restricted_load(out_path)
+            recorded = {k: obj[k] for k in INPUT_KEYS} if isinstance(obj, dict) else None
+        except (UserError, KeyError):
+            pass
+    stem = os.path.splitext(os.path.basename(inputs["model_path"]))[0].replace("parameters_", "")
+    utils.check_replace(existing, recorded, inputs, "a kernel",
+                        f"to keep both, name this one with --save_name (e.g. --save_name saved_kernel_{stem}) or "
+                        f"--bonus_dir")
+
+
 def print_plan(f, params, net, args, n):
     import ntk
     plan = ntk.make_plan(f, params, net.input_shape, net.num_classes, args.class_index, args.memory_gb,
@@ -113,6 +142,8 @@ def run(args):
     cli.check_class_index(args.class_index, net.num_classes, net.dataset)
     x, labels, indices = kernel_images(args, net)
     out_path = output_path(args.model_path, args.bonus_dir, args.save_name, args.class_index, args.dataset_size)
+    inputs = kernel_inputs(args, net)
+    check_output(out_path, inputs)
     utils.check_writable_dir(os.path.dirname(out_path), "--bonus_dir")
     f, params = net.kernel_fn(args.use_linear_params)
     if args.show_progress:

@@ -19,7 +19,6 @@ fills what `meta` lacks, and the defaults (resnet18, width 64, cifar10) come las
 """
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -29,6 +28,7 @@ import numpy as np
 import data
 import models
 import ntk
+import utils
 from utils import UserError, atomic_pickle, decode_keys, restricted_load
 
 DEFAULTS = {"model": "resnet18", "width": 64, "dataset": "cifar10"}
@@ -69,26 +69,29 @@ def _rename_legacy(tree):
 
 
 def check_file(path, flag="--model_path"):
-    """A one-line error unless `path` is an existing file; a run directory gets a hint."""
-    if os.path.isdir(path):
-        hint = os.path.join(path, "parameters_final.pkl")
-        extra = f" (did you mean {hint}?)" if os.path.isfile(hint) else ""
-        raise UserError(f"{flag} {path} is a directory, not a checkpoint file{extra}")
-    if not os.path.exists(path):
-        raise UserError(f"file not found: {path}")
+    """A one-line error unless `path` is an existing file; a run directory gets a hint
+    (its parameters_final.pkl, else the checkpoints it holds)."""
+    utils.check_file(path, flag, "a checkpoint file", hints=("parameters_final.pkl", "parameters_*.pkl"))
 
 
 def load_checkpoint(path):
     """Load a checkpoint safely (restricted unpickler). Returns a dict with 'params',
     'lin_params', 'net_state' (numpy leaves) and 'meta' ({} for the reference's own files)."""
-    if os.path.isdir(path):
-        check_file(path)
+    check_file(path, None)
     ckpt = decode_keys(restricted_load(path))
     if not isinstance(ckpt, dict) or "params" not in ckpt:
         raise UserError(f"{path} is not a checkpoint: it has no 'params'")
     ckpt.setdefault("lin_params", ckpt["params"])
     ckpt.setdefault("net_state", {})
     ckpt.setdefault("meta", {})
+    for key in ("params", "lin_params", "net_state"):
+        tree = ckpt[key]
+        if not (isinstance(tree, dict) and all(isinstance(m, str) and isinstance(v, dict) for m, v in tree.items())
+                and all(isinstance(n, str) and isinstance(a, (np.ndarray, np.generic, float, int))
+                        for v in tree.values() for n, a in v.items())):
+            raise UserError(f"{path} is not a checkpoint: its '{key}' is not a {{module: {{name: array}}}} tree")
+    if not isinstance(ckpt["meta"], dict):
+        raise UserError(f"{path} is not a checkpoint: its 'meta' is not a dict")
     for key in ("params", "lin_params"):
         ckpt[key] = _rename_legacy(ckpt[key])
     return ckpt

@@ -34,10 +34,33 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a bad command line is answered as every other bad input is: one
+    line `error: ...` on stderr and exit status 2 (argparse prints the whole usage first)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {' '.join(message.split())} ({self.prog} --help lists the flags)\n")
+
+
 def parser(description, examples, **kw):
     """An ArgumentParser whose --help ends with the usage `examples` (a list of command lines)."""
     epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
-    return argparse.ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter, **kw)
+    return ArgumentParser(description=description, epilog=epilog, formatter_class=HelpFormatter, **kw)
+
+
+MAX_SEED = 2 ** 32 - 1
+
+
+def seed(text):
+    """argparse type of --random_seed: an integer in [0, 2**32 - 1] (numpy's seeds are
+    non-negative, JAX's keys 32-bit)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is not a seed: use an integer from 0 to {MAX_SEED}")
+    return value
 
 
 def dynamics_name(linear, centering):

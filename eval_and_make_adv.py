@@ -70,7 +70,7 @@ def build_parser():
                    help="also save the adversarial examples (NCHW) to adv_examples_{save_name}.pkl "
                         "(the clean images under --no_adv)")
     p.add_argument("--short", action="store_true", help="evaluate the first 10 batches only")
-    p.add_argument("--random_seed", type=int, default=0, help="seed of the attacks' random starts")
+    p.add_argument("--random_seed", type=cli.seed, default=0, help="seed of the attacks' random starts")
     cli.add_network_args(p)
     p.add_argument("--eps", type=float, default=4.0, help="L-inf radius in 1/255 units")
     # Beyond the reference
@@ -107,7 +107,8 @@ def _check_args(args):
 
 def load_test_pickle(path, input_shape, num_classes):
     """Read and check a --test_path pickle. Returns (images NHWC float32, labels int32)."""
-    from utils import decode_keys, restricted_load
+    from utils import check_file, decode_keys, restricted_load
+    check_file(path, "--test_path", "a pickle of images and labels", hints=("adv_examples_*.pkl",))
     obj = decode_keys(restricted_load(path))
     if not isinstance(obj, dict) or "images" not in obj or "labels" not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
@@ -231,6 +232,38 @@ def summarize(args, net, dynamics, cfg, res, source, n_available, notes, files, 
     }
 
 
+# Flags that do not change what an evaluation computes (the outputs' names and place, the bars,
+# whether the examples are also saved, where the data files are).
+NOT_INPUTS = ("save_name", "bonus_dir", "no_progress", "save_examples", "data_dir")
+
+
+def eval_inputs(args, net):
+    """What an evaluation's outputs are made from: the flags, with paths absolute and the
+    network as resolved from the checkpoint. Recorded in the JSON summary as 'inputs'."""
+    import os
+    inputs = {k: v for k, v in vars(args).items() if k not in NOT_INPUTS}
+    inputs.update(model_path=os.path.abspath(args.model_path), model=net.model, width=net.width, dataset=net.dataset,
+                  test_path=None if args.test_path is None else os.path.abspath(args.test_path))
+    return inputs
+
+
+def check_outputs(paths, inputs):
+    """A rerun with the same inputs may replace the outputs; other inputs must not (one line)."""
+    import json
+
+    import utils
+    existing = utils.existing_files(paths.values())
+    recorded = None
+    if existing:
+        try:
+            with open(paths["summary"]) as f:
+                recorded = json.load(f).get("inputs")
+        except (OSError, ValueError, AttributeError):
+            pass
+    utils.check_replace(existing, recorded, inputs, "an evaluation",
+                        "give another --save_name or --bonus_dir, or delete those files")
+
+
 # --------------------------------------------------------------------------------------
 def run(args):
     """Evaluate `args.model_path`; write the outputs; return the summary dict."""
@@ -241,18 +274,21 @@ def run(args):
     net = checkpoints.open_network(args.model_path, model=args.model, width=args.width, dataset=args.dataset)
     out_dir = cli.output_dir(args.model_path, args.bonus_dir)
     x, y, source, n_available = load_images(args, net)  # every input is checked before any output
-    utils.check_writable_dir(out_dir, "--bonus_dir")
     dynamics = cli.dynamics_name(args.linear, args.centering)
     cfg = attack_config(args)
+    paths = cli.eval_files(out_dir, args.save_name)
+    inputs = eval_inputs(args, net)
+    check_outputs(paths, inputs)
+    utils.check_writable_dir(out_dir, "--bonus_dir")
     notes = parameter_notes(net.meta, dynamics)
     for note in notes:
         print(f"note: {note}")
 
     t0 = time.time()
     res = evaluate(args, net, dynamics, x, y, cfg)
-    paths = cli.eval_files(out_dir, args.save_name)
     files = [paths["results"], paths["summary"]] + ([paths["examples"]] if args.save_examples else [])
     summary = summarize(args, net, dynamics, cfg, res, source, n_available, notes, files, time.time() - t0)
+    summary["inputs"] = inputs
     utils.atomic_pickle(paths["results"], {
         "acc_clean": res["acc_clean"], "acc_dirty": res["acc_adv"],
         "predictions_clean": res["predictions_clean"], "predictions_dirty": res["predictions_adv"],

@@ -2,7 +2,9 @@
 linearized or centered dynamics. See README.md for the flags and the files written."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 
 import numpy as np
@@ -13,7 +15,13 @@ from utils import UserError, run_main
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 RESUME_FILE = "resume.pkl"
 # Flags that may differ between an interrupted run and its --resume.
-RESUME_FREE_FLAGS = ("resume", "no_progress")
+RESUME_FREE_FLAGS = ("resume", "no_progress", "overwrite")
+# Flags that choose what is written or shown, not what is trained: a finished run rerun with
+# other values of these is the same run, and may replace its files.
+OUTPUT_FLAGS = RESUME_FREE_FLAGS + ("save_models", "constant_save", "constant_save_linear", "save_path")
+# The files a run writes in --save_path (--overwrite removes these, and only these).
+RUN_FILES = ("config.json", "metrics.jsonl", RESUME_FILE, "results.pkl", "results.json", "parameters_final.pkl")
+CHECKPOINT_FILE_RE = re.compile(r"^parameters_checkpoint_(linear_)?\d+(\.\d+)?\.pkl$")
 EXAMPLES = [
     "python run_exp.py --dataset digits --model resnet18 --width 8 --loaders AC --standard_epochs 20 "
     "--linear_epochs 0 --eps 32 --constant_save --save_models --save_path runs/phase1_AC",
@@ -70,10 +78,14 @@ def build_parser():
                         "at 0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5 epochs")
     g.add_argument("--constant_save_linear", action="store_true",
                    help="write parameters_checkpoint_linear_{e}.pkl at the end of every phase-2 epoch e")
-    g.add_argument("--random_seed", type=int, default=0, help="seed of every random choice (init, "
+    g.add_argument("--random_seed", type=cli.seed, default=0, help="seed of every random choice (init, "
                    "shuffling, subsets, attack noise)")
     g.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted run from --save_path/{RESUME_FILE} (same flags)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="when --save_path holds another run, delete that run's files (parameters_*.pkl, "
+                        "results.*, config.json, metrics.jsonl, resume.pkl; other files are kept) before "
+                        "starting; without it such a --save_path is refused")
     cli.add_no_progress(g)
     return p
 
@@ -97,8 +109,12 @@ def validate(args):
         raise UserError(f"--batch_size must be positive (got {args.batch_size})")
     if args.width is not None and args.width <= 0:
         raise UserError(f"--width must be positive (got {args.width})")
-    if args.base_model_path is not None and not os.path.isfile(args.base_model_path):
-        raise UserError(f"--base_model_path {args.base_model_path} does not exist")
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --save_path and --overwrite deletes it: give one of them")
+    if args.base_model_path is not None:
+        from utils import check_file
+        check_file(args.base_model_path, "--base_model_path", "a checkpoint file",
+                   hints=("parameters_final.pkl", "parameters_*.pkl"))
 
 
 def loader_is_adversarial(letter, epoch, flip_epoch):
@@ -114,6 +130,93 @@ def phase2_dynamics(args):
     return cli.dynamics_name(not args.do_standard_second, args.centering)
 
 
+# --------------------------------------------------------------------------------------
+# --save_path: one run per directory
+# --------------------------------------------------------------------------------------
+def run_files(save_path):
+    """The files of a run_exp.py run in `save_path` (RUN_FILES and parameters_checkpoint_*)."""
+    if not os.path.isdir(save_path):
+        return []
+    return sorted(name for name in os.listdir(save_path)
+                  if name in RUN_FILES or CHECKPOINT_FILE_RE.match(name))
+
+
+def _recorded_run(save_path):
+    """(the flags of the run in `save_path` from its config.json or resume.pkl, or None; its
+    progress from resume.pkl, or None)."""
+    from utils import restricted_load
+    flags, progress = None, None
+    try:
+        with open(os.path.join(save_path, "config.json")) as f:
+            flags = json.load(f).get("args")
+    except (OSError, ValueError, AttributeError):
+        pass
+    if os.path.isfile(os.path.join(save_path, RESUME_FILE)):
+        try:
+            resume = restricted_load(os.path.join(save_path, RESUME_FILE))
+            progress = resume.get("progress")
+            flags = flags if isinstance(flags, dict) else resume.get("args")
+        except (UserError, AttributeError):
+            pass
+    return (flags if isinstance(flags, dict) else None), (progress if isinstance(progress, dict) else None)
+
+
+def _describe_run(flags):
+    what = f"{flags.get('model') or 'resnet18'} on {flags.get('dataset')}, --loaders {flags.get('loaders')}"
+    if flags.get("base_model_path"):
+        return f"{what}, {flags.get('linear_epochs')} phase-2 epochs from {flags['base_model_path']}"
+    return f"{what}, {flags.get('standard_epochs')}+{flags.get('linear_epochs')} epochs"
+
+
+def check_save_path(args):
+    """Refuse a --save_path that holds another run (other training flags, an unfinished run,
+    or files that record no flags), naming it and the ways out; --overwrite accepts it. Returns
+    the run files that will be replaced (or removed, under --overwrite)."""
+    from utils import plain
+    p = args.save_path
+    files = run_files(p)
+    if not files:
+        return []
+    ways = ("to continue it, rerun its own command with --resume; or give another --save_path, or add --overwrite "
+            "to delete its files first")
+    if args.overwrite:
+        base = args.base_model_path
+        if base and any(os.path.exists(os.path.join(p, f)) and os.path.samefile(base, os.path.join(p, f))
+                        for f in files):
+            raise UserError(f"--overwrite would delete --base_model_path {base}, which is in --save_path {p}: "
+                            f"give another --save_path")
+        return files
+    flags, progress = _recorded_run(p)
+    if flags is None:
+        raise UserError(f"--save_path {p} holds the files of a run ({', '.join(files[:3])}"
+                        f"{', ...' if len(files) > 3 else ''}) that record no flags: give another --save_path, "
+                        f"or add --overwrite to delete them first")
+    mine = plain(vars(args))
+    for key, value in mine.items():
+        if key not in OUTPUT_FLAGS and key in flags and flags[key] != value:
+            raise UserError(f"--save_path {p} holds another run ({_describe_run(flags)}; it used --{key} "
+                            f"{flags[key]!r}, not {value!r}): {ways}")
+    if progress is not None and progress.get("phase") != 3:
+        raise UserError(f"--save_path {p} holds an unfinished run with these flags (stopped in phase "
+                        f"{progress.get('phase')} at epoch {progress.get('epoch')}): continue it with --resume, or "
+                        f"add --overwrite to start it again")
+    return files
+
+
+def clear_run(save_path, files):
+    """--overwrite: delete the previous run's files (only those run_exp.py writes)."""
+    for name in files:
+        try:
+            os.remove(os.path.join(save_path, name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UserError(f"--overwrite: cannot delete {os.path.join(save_path, name)}: {e.strerror or e}") from None
+    kept = sorted(os.listdir(save_path))
+    print(f"--overwrite: deleted {len(files)} files of the previous run in {save_path}"
+          + (f"; kept {', '.join(kept)} (not written by run_exp.py)" if kept else ""))
+
+
 class Run:
     """Everything one experiment needs, built once: data, model, jitted steps, outputs."""
 
@@ -123,7 +226,7 @@ class Run:
 
         import checkpoints
         import models
-        from utils import MetricsLog, atomic_json, check_writable_dir, run_config
+        from utils import MetricsLog, atomic_json, check_writable_dir, make_dir, run_config
 
         self.args = args
         self.base = None
@@ -133,7 +236,13 @@ class Run:
         self.model = self.base.model if self.base else args.model or checkpoints.DEFAULTS["model"]
         self.width = self.base.width if self.base else args.width or checkpoints.DEFAULTS["width"]
         self._load_data()
-        check_writable_dir(args.save_path)
+        replaced = [] if args.resume else check_save_path(args)
+        check_writable_dir(args.save_path)  # every input is checked before anything is written
+        if args.overwrite and replaced:
+            clear_run(args.save_path, replaced)
+        elif replaced:
+            print(f"note: {args.save_path} holds a finished run with the same flags: its files are replaced")
+        make_dir(args.save_path)
         self.init, self.apply = models.get_model(self.model, self.ds.num_classes, self.width)
         self.key = jax.random.PRNGKey(args.random_seed)
         if self.base:
@@ -423,12 +532,18 @@ def save_final(r, state, theta0):
                        epoch=0 if r.base else a.standard_epochs, phase=1)
 
 
-def print_results(results):
+def print_results(results, args):
+    """The accuracies as a small table (results.json keeps the full numbers); phases that were not
+    evaluated say so instead of showing zeros."""
+    evaluated = {"standard": not args.skip_first_test,
+                 "linear": args.linear_epochs > 0 and not args.skip_second_test}
     print("accuracy   clean    L-inf PGD  L2 PGD")
-    for phase in ("standard", "linear"):
+    for phase, name in (("standard", "phase 1"), ("linear", "phase 2")):
         res = results[phase]
-        print(f"{'phase 1' if phase == 'standard' else 'phase 2'}    {res['clean']:.4f}   {res['linf']:.4f}     "
-              f"{res['l2']:.4f}")
+        if evaluated[phase]:
+            print(f"{name}    {res['clean']:.4f}   {res['linf']:.4f}     {res['l2']:.4f}")
+        else:
+            print(f"{name}    not evaluated")
 
 
 def run(args):
@@ -441,7 +556,8 @@ def run(args):
     state, theta0, progress = initial_state(r, resume)
     results = progress["results"]
     if progress["phase"] == 3:
-        print(f"the run in {args.save_path} had already finished: {results}")
+        print(f"the run in {args.save_path} had already finished")
+        print_results(results, args)
         return results
     if resume is not None:
         print(f"resuming phase {progress['phase']} at epoch {progress['epoch']}")
@@ -456,9 +572,12 @@ def run(args):
     progress.update(phase=3, results=results)
     save_resume(r, progress, state, theta0)
     print(f"done in {time.time() - t_start:.1f}s")
-    print_results(results)
-    if not args.save_models:
-        print(f"no checkpoint was written: add --save_models to write {os.path.join(args.save_path, 'parameters_final.pkl')}")
+    print_results(results, args)
+    final = os.path.join(args.save_path, "parameters_final.pkl")
+    if not args.save_models and (args.constant_save or args.constant_save_linear):
+        print(f"{final} was not written (add --save_models to write it); the constant saves are in {args.save_path}")
+    elif not args.save_models:
+        print(f"no checkpoint was written: add --save_models to write {final}")
     return results
 
 

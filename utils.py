@@ -3,6 +3,7 @@ atomic writes, and run records. Imports nothing of this project and no JAX at im
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import pickle
@@ -97,15 +98,45 @@ def decode_keys(obj):
 def restricted_load(path):
     """Unpickle `path`, accepting only containers, numbers, strings and numpy arrays
     (also JAX-0.4-era jax arrays, which come back as numpy). Anything else raises UserError."""
-    if not os.path.exists(path):
-        raise UserError(f"file not found: {path}")
+    check_file(path)
     try:
         with open(path, "rb") as f:
             return _RestrictedUnpickler(f, encoding="bytes").load()
     except _Refused as e:
         raise UserError(f"{path} is not a safe pickle: {e}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            MemoryError, OverflowError, RecursionError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is corrupt or truncated ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Paths given on the command line
+# --------------------------------------------------------------------------------------
+def check_file(path, flag=None, kind="a file", hints=()):
+    """A one-line UserError unless `path` names an existing file. A directory is named as one;
+    `hints` are glob patterns tried in order inside it, and the files the first one matches are
+    suggested ("did you mean DIR/parameters_final.pkl?")."""
+    where = f"{flag} {path}" if flag else str(path)
+    if path is None or str(path) == "":
+        raise UserError(f"{flag or 'a path'} is empty: give {kind}")
+    if os.path.isdir(path):
+        found = []
+        for pattern in hints:
+            found = sorted(glob.glob(os.path.join(glob.escape(str(path)), pattern)))
+            if found:
+                break
+        extra = ""
+        if len(found) == 1:
+            extra = f" (did you mean {found[0]}?)"
+        elif found:
+            extra = f" (it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+        raise UserError(f"{where} is a directory, not {kind}{extra}")
+    if not os.path.exists(path):
+        raise UserError(f"file not found: {path}")
+    if not os.path.isfile(path):
+        raise UserError(f"{where} is not a regular file")
 
 
 # --------------------------------------------------------------------------------------
@@ -161,13 +192,69 @@ def _json_default(o):
 
 
 def check_writable_dir(path, flag="--save_path"):
-    """Create `path` if needed and check a file can be written there, before any work starts."""
+    """Check, before any work starts, that files can be written in directory `path`, without
+    creating it (a run that fails leaves no empty folder behind): `path` must be a writable
+    directory, or be creatable under its nearest existing parent. The writers create it."""
+    if str(path) == "":
+        raise UserError(f"{flag} is empty: give a directory")
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
     try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        if not os.path.isdir(probe):
+            raise OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+
+
+def make_dir(path, flag="--save_path"):
+    """Create directory `path` (after `check_writable_dir`), as a one-line error if that fails."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Outputs made from other inputs are never replaced silently
+# --------------------------------------------------------------------------------------
+def plain(value):
+    """`value` as JSON would give it back (tuples as lists, numpy scalars as numbers)."""
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+def check_replace(existing, recorded, inputs, what, way_out):
+    """Refuse to replace output files made from other inputs.
+
+    existing: the output files of this call that already exist; recorded: the inputs the
+    earlier call recorded (a dict), or None when nothing says what they were made from;
+    inputs: this call's inputs (flag name -> value, paths absolute). The same inputs may
+    replace the files (a rerun); other or unknown ones raise a one-line UserError that names the
+    file, the first input that differs and `way_out`. Returns the files to be replaced."""
+    if not existing:
+        return []
+    first = existing[0]
+    if not isinstance(recorded, dict):
+        raise UserError(f"{first} already exists and does not record what it was made from: "
+                        f"it is not replaced; {way_out}")
+    recorded, inputs = plain(recorded), plain(inputs)
+    for key, value in inputs.items():
+        if key in recorded and recorded[key] != value:
+            raise UserError(f"{first} already holds {what} with --{key} {recorded[key]!r}, not {value!r}: "
+                            f"it is not replaced; {way_out}")
+        if key not in recorded:
+            raise UserError(f"{first} already holds {what} that does not record --{key}: it is not "
+                            f"replaced; {way_out}")
+    return list(existing)
+
+
+def existing_files(paths):
+    return [p for p in paths if os.path.lexists(p)]
 
 
 # --------------------------------------------------------------------------------------

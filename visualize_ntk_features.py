@@ -92,7 +92,7 @@ def build_parser():
                         "slower inside a loop, jax-ml/jax#12868); auto = host on CPU, fori elsewhere")
     p.add_argument("--bonus_dir", default=".", help="sub-directory of dirname(model_path) for the outputs")
     cli.add_network_args(p)
-    p.add_argument("--random_seed", type=int, default=None,
+    p.add_argument("--random_seed", type=cli.seed, default=None,
                    help="seed the kernel's images were drawn with; checked against the kernel file "
                         "(the images themselves come from the file's indices)")
     cli.add_no_progress(p)
@@ -289,8 +289,9 @@ def load_kernel_file(path):
     """Load and check a calculate_kernel.py file; returns its dict with numpy arrays."""
     if not path:
         raise UserError("--kernel_path is required")
-    if not os.path.exists(path):
+    if not os.path.lexists(path):
         raise UserError(f"kernel file not found: {path} (make it with calculate_kernel.py)")
+    utils.check_file(path, "--kernel_path", "a kernel file", hints=("saved_kernel*.pkl", "*.pkl"))
     obj = utils.decode_keys(utils.restricted_load(path))
     if not isinstance(obj, dict) or "kernel" not in obj:
         raise UserError(f"{path} is not a kernel file: it has no 'kernel'")
@@ -332,6 +333,20 @@ def _same_file(a, b):
 
 def output_stem(args, class_index, n):
     return os.path.join(cli.output_dir(args.model_path, args.bonus_dir), args.save_name + cli.class_suffix(class_index, n))
+
+
+def check_outputs(stem, inputs):
+    """The images of another kernel (or other --steps, ...) under the same name are not replaced."""
+    existing = utils.existing_files([stem + ".pkl", stem + ".png"])
+    recorded = None
+    if existing:
+        try:
+            obj = utils.restricted_load(stem + ".pkl")
+            recorded = obj.get("inputs") if isinstance(obj, dict) else None
+        except UserError:
+            pass
+    utils.check_replace(existing, recorded, inputs, "eigen-images",
+                        "give another --save_name or --bonus_dir, or delete those files")
 
 
 # --------------------------------------------------------------------------------------
@@ -477,6 +492,9 @@ def run(args):
     kfile, net, class_index, x_kernel = open_inputs(args)
     n = len(x_kernel)
     stem = output_stem(args, class_index, n)
+    inputs = {"kernel_path": os.path.abspath(args.kernel_path), "model_path": os.path.abspath(args.model_path),
+              "n_images": args.n_images, "steps": args.steps, "step_size": args.step_size, "ridge": args.ridge}
+    check_outputs(stem, inputs)
     utils.check_writable_dir(os.path.dirname(stem), "--bonus_dir")
     use_lin = bool(kfile["use_linear_params"])
     f, params = net.kernel_fn(use_lin)
@@ -499,7 +517,7 @@ def run(args):
               "dataset": net.dataset, "model": net.model, "width": net.width, "num_classes": net.num_classes,
               "kernel_path": os.path.abspath(args.kernel_path), "model_path": os.path.abspath(args.model_path),
               "indices": kfile["indices"], "labels": kfile["labels"], "seconds": seconds,
-              "config": utils.run_config(args)}
+              "config": utils.run_config(args), "inputs": inputs}
     pkl_path, png_path = stem + ".pkl", stem + ".png"
     utils.atomic_pickle(pkl_path, result)
     which = "mean over logits" if class_index == -1 else f"class {class_index}"
