@@ -92,8 +92,9 @@ def probe(args):
     try:
         import haiku
         out["haiku"] = haiku.__version__
-    except ImportError as e:  # the scripts cannot run; say so here, first
-        out["haiku"] = f"missing: {e}"
+        out["haiku_from"] = os.path.dirname(os.path.dirname(haiku.__file__))
+    except Exception as e:  # noqa: BLE001 - the scripts cannot run; say why here, first
+        out["haiku"] = f"not importable: {type(e).__name__}: {e}"
     stats = dev.memory_stats() or {}
     out["memory_limit_gib"] = round(stats.get("bytes_limit", 0) / 2 ** 30, 1) or None
     n = args.matmul_n
@@ -487,10 +488,15 @@ def main(argv=None):
     conf["model"] = args.model or conf["model"]
     conf["width"] = args.width or conf["width"]
     args.budget_s = args.budget_s or conf["budget_s"]
-    if args.work is None:
+    own_work = args.work is None
+    if own_work:
         import tempfile
         args.work = tempfile.mkdtemp(prefix="gpu_check_")
-    summary = Driver(args, conf).main()
+    try:
+        summary = Driver(args, conf).main()
+    finally:
+        if own_work:
+            shutil.rmtree(args.work, ignore_errors=True)
     return 0 if summary["all_ok"] else 1
 
 

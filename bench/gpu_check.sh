@@ -10,7 +10,7 @@
 # --wheels DIR (or GPU_CHECK_WHEELS=DIR): install every *.whl in DIR first (pip, no index, no
 # dependencies) into a private folder put first on PYTHONPATH. For a machine without dm-haiku,
 # build DIR here, once, from the repository root:
-#   mkdir -p wheels && echo /wheels/ >> .git/info/exclude
+#   mkdir -p wheels    # ignored by .gitignore, so carried only when asked
 #   python3 -m pip download dm-haiku==0.0.17 jmp==0.0.4 --no-deps -d wheels
 # (both are pure-Python wheels; jmp is haiku's one dependency that such an image may lack).
 # --cpu-smoke: every stage on the CPU with tiny sizes, to check this script (tests/test_gpu_check.py).
@@ -36,12 +36,15 @@ if [ -n "$WHEELS" ]; then
   shopt -u nullglob
   [ ${#whls[@]} -gt 0 ] || { echo "error: no *.whl in --wheels folder $WHEELS" >&2; exit 2; }
   SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_site.XXXXXX")
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "${whls[@]}"
+  trap 'rm -rf "$SITE"' EXIT
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target "$SITE" "${whls[@]}"
   export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
   export GPU_CHECK_WHEELS_INSTALLED="$(cd "$WHEELS" && ls *.whl | tr '\n' ' ')"
 fi
 if ! "$PY" -c "import haiku" 2>/dev/null; then
-  echo "error: dm-haiku is not importable by $PY: pass --wheels DIR (see the top of $0)" >&2
-  exit 2
+  # Go on: the probe still records the device, and says why haiku failed; the stages that
+  # need it fail and are logged as failed.
+  echo "warning: dm-haiku is not importable by $PY: pass --wheels DIR (see the top of $0)" >&2
 fi
-exec "$PY" bench/gpu_check.py --python "$PY" ${ARGS[@]+"${ARGS[@]}"}
+"$PY" bench/gpu_check.py --python "$PY" ${ARGS[@]+"${ARGS[@]}"}

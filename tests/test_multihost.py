@@ -7,7 +7,8 @@ forced CPU devices per process, so the mesh spans 4 devices in 2 processes. The 
 one process with one device is the reference:
 
 - run_exp.py: adversarial phase 1 and adversarial linearized phase 2 (PGD-20 inside training),
-  batch 16 over 110 images (the last batch of 14 does not divide by 4), PGD evaluations;
+  batch 16 over 110 images (the last batch of 14 does not divide by 4), PGD evaluations after
+  phase 2 (the one after phase 1 is skipped: it compiles the same kind of functions again);
 - eval_and_make_adv.py --attack ensemble --save_examples on the 1-process checkpoint, batch 10
   over 25 images (padded batches);
 - calculate_kernel.py on that checkpoint, several gradient chunks.
@@ -121,7 +122,7 @@ def max_rel(a, b):
 # --------------------------------------------------------------------------------------
 RUN_EXP = ["run_exp.py", "--dataset", "digits", "--model", "mlp_skinny", "--train_size", "110", "--test_size", "30",
            "--batch_size", "16", "--standard_epochs", "1", "--linear_epochs", "1", "--loaders", "AA", "--eps", "8",
-           "--pgd_eval_steps", "3", "--save_models", "--no_progress"]
+           "--pgd_eval_steps", "3", "--skip_first_test", "--save_models", "--no_progress"]
 
 
 def test_two_processes_equal_one(tmp_path, procs):
@@ -153,7 +154,9 @@ def test_two_processes_equal_one(tmp_path, procs):
     assert files_in(f"{two}_p1") == []
 
     with open(one / "results.json") as f1, open(two / "results.json") as f2:
-        assert json.load(f1) == json.load(f2)  # accuracies: exact
+        res1, res2 = json.load(f1), json.load(f2)
+    assert res1 == res2  # accuracies: exact
+    assert res1["linear"]["clean"] > 0.3 and res1["linear"]["linf"] < res1["linear"]["clean"]
 
     def epochs(d):
         with open(d / "metrics.jsonl") as f:
