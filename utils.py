@@ -1,5 +1,6 @@
 """The ground floor under every module: user errors and `run_main`, the restricted unpickler,
-atomic writes, and run records. Imports nothing of this project and no JAX at import time."""
+atomic writes, and run records. Imports only parallel.py (who writes in a multi-process job) of
+this project, and no JAX at import time."""
 from __future__ import annotations
 
 import errno
@@ -12,6 +13,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+import parallel
 
 
 class UserError(Exception):
@@ -33,7 +36,6 @@ def enable_compilation_cache():
 def run_main(fn, args):
     """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2. Joins a
     multi-process job first when the environment describes one (parallel.init_distributed)."""
-    import parallel
     try:
         parallel.init_distributed()
     except parallel.DistributedError as e:
@@ -152,7 +154,6 @@ def atomic_write_bytes(path, data: bytes):
     """Write `data` to `path` via a temp file in the same directory and a rename, so a crash
     or a full disk leaves any previous file intact. Only process 0 of a multi-process job
     writes (parallel.is_writer)."""
-    import parallel
     if not parallel.is_writer():
         return
     directory = os.path.dirname(os.path.abspath(path))
@@ -282,12 +283,10 @@ class MetricsLog:
 
     def reset(self):
         """Start the file empty."""
-        import parallel
         if parallel.is_writer():
             open(self.path, "w").close()
 
     def write(self, **record):
-        import parallel
         if not parallel.is_writer():
             return
         with open(self.path, "a") as f:
