@@ -870,7 +870,7 @@ def square(predict, variables, x, y, key, eps, *, queries=5000, norm="linf", p_i
     it if it lowers the margin. p starts at `p_init` and halves on AutoAttack's schedule
     (SQUARE_SCHEDULE). The squares are drawn per example, from `key` folded with the iteration.
     Stops early once every example (every row marked in `valid` [N] bool) is misclassified,
-    checking every SQUARE_CHECK_EVERY queries.
+    checking every SQUARE_CHECK_EVERY queries (not inside an outer jax.jit).
 
     Returns x_adv [N, ...]: the point of lowest margin found (misclassified where the attack
     succeeded; the clean image where it is misclassified), inside the eps-ball and [0, 1].
@@ -881,8 +881,9 @@ def square(predict, variables, x, y, key, eps, *, queries=5000, norm="linf", p_i
     sizes = jnp.asarray(square_sizes(p_init, h, w, norm))
     k_init, k_steps = jax.random.split(key)
     state = _square_init(predict, variables, x, y, k_init, eps, norm=norm)
+    traced = isinstance(state.margin, jax.core.Tracer)   # inside an outer jit: no early stop
     for lo in range(0, queries, SQUARE_CHECK_EVERY):
-        if np.all(parallel.to_host(state.margin)[valid] <= 0):
+        if not traced and np.all(parallel.to_host(state.margin)[valid] <= 0):
             break
         state = _iterate(_square_step_jit, _square_fori, lo, min(lo + SQUARE_CHECK_EVERY, queries), state,
                          variables, x, y, k_steps, eps, sizes, predict=predict, norm=norm)
