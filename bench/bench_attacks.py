@@ -1,13 +1,16 @@
 """Cost of the evaluation attacks: per step, and per image at AutoAttack's full budgets.
 
-Prints one JSON line per measurement: the machine, the configuration, the median wall time of
-`--repeats` runs after one warm-up run (compilation excluded), and the median per step (a call's
-time over its steps, so the attack's initial query is spread over them); then:
+Prints one JSON line per measurement: the machine (with the 1-minute load average at start), the
+configuration, the median wall time of `--repeats` runs after one warm-up run (compilation
+excluded), the median per step (a call's time over its steps, so the attack's initial query is
+spread over them) and the median process CPU time per step (all threads: steadier than wall time
+on a machine shared with other jobs); then:
 - 'apgd_ce_over_pgd': the APGD-CE / PGD ratio per step;
 - 'attack_full_budget' (with --budget): per attack, the cost per image of its AutoAttack budget
   (PGD-100 and APGD-CE: 100 steps; APGD-T and FAB-T: 100 steps for each of min(9, classes - 1)
-  targets; Square: 5000 queries), EXTRAPOLATED from the measured per-step cost of `--steps`
-  steps, and its ratio to PGD-100;
+  targets; Square: 5000 queries), EXTRAPOLATED: every attack is also timed with 2 x `--steps`
+  steps, the difference gives the marginal cost of a step and the rest the set-up (clean pass,
+  first query), and the budget costs set-up + steps x step; 'over_pgd100' divides by PGD-100's;
 - 'ensemble_full_budget' (with --budget and all four members): AutoAttack's standard ensemble
   as a sum of its members. That is its cost where every image survives to Square (a fully
   robust model, no early stops); members after APGD-CE only attack the images still robust, so on
@@ -88,27 +91,27 @@ def main(argv=None):
     eps = 4 / 255
     key = jax.random.PRNGKey(0)
 
-    runners = {
-        "pgd": lambda: attacks.pgd(predict, variables, x, y, key, eps, 2 * eps / args.steps,
-                                   steps=args.steps, norm="linf"),
-        "apgd-ce": lambda: attacks.apgd(predict, variables, x, y, key, eps, steps=args.steps,
-                                        norm="linf", loss="ce"),
-        "apgd-dlr": lambda: attacks.apgd(predict, variables, x, y, key, eps, steps=args.steps,
-                                         norm="linf", loss="dlr-t", target_rank=0),
-        "fab-t": lambda: attacks.fab_t(predict, variables, x, y, key, eps, steps=args.steps, norm="linf"),
-        "square": lambda: jnp.asarray(attacks.square(predict, variables, x, y, key, eps, queries=args.steps,
-                                                     norm="linf")),
-    }
+    def runner(name, steps):
+        if name == "pgd":
+            return attacks.pgd(predict, variables, x, y, key, eps, 2 * eps / steps, steps=steps, norm="linf")
+        if name in ("apgd-ce", "apgd-dlr"):
+            return attacks.apgd(predict, variables, x, y, key, eps, steps=steps, norm="linf",
+                                loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=0)
+        if name == "fab-t":
+            return attacks.fab_t(predict, variables, x, y, key, eps, steps=steps, norm="linf")
+        return jnp.asarray(attacks.square(predict, variables, x, y, key, eps, queries=steps, norm="linf"))
+
     names = [n.strip() for n in args.attacks.split(",") if n.strip()]
     for n in names:
-        if n not in runners:
+        if n not in BUDGET_STEPS:
             p.error(f"unknown attack {n!r}")
     loops = [m.strip() for m in args.loops.split(",") if m.strip()]
-    cases = [(n, m) for m in loops for n in names]
+    step_counts = (args.steps, 2 * args.steps) if args.budget else (args.steps,)
+    cases = [(n, m, k) for m in loops for n in names for k in step_counts]
 
     def run(case):
         os.environ["NTK_ATTACK_LOOP"] = case[1]
-        runners[case[0]]().block_until_ready()
+        runner(case[0], case[2]).block_until_ready()
 
     info = machine()
     info["load_avg_1min_at_start"] = os.getloadavg()[0]
@@ -118,54 +121,57 @@ def main(argv=None):
         run(c)
         compile_s[c] = time.perf_counter() - t
     times = {c: [] for c in cases}
-    cpu0 = time.process_time()
+    cpu = {c: [] for c in cases}
     for _ in range(args.repeats):
         for c in cases:   # interleaved
-            t = time.perf_counter()
+            t, t_cpu = time.perf_counter(), time.process_time()
             run(c)
             times[c].append(time.perf_counter() - t)
+            cpu[c].append(time.process_time() - t_cpu)
     config = {"model": args.model, "dataset": args.dataset, "width": args.width if args.model == "resnet18" else None,
-              "batch_size": args.batch_size, "steps": args.steps, "norm": "linf", "dynamics": args.dynamics,
-              "repeats": args.repeats, "process_cpu_s_timed_runs": round(time.process_time() - cpu0, 1)}
+              "batch_size": args.batch_size, "norm": "linf", "dynamics": args.dynamics, "repeats": args.repeats}
     med = {c: statistics.median(t) for c, t in times.items()}
-    for (n, m) in cases:
+    s = args.steps
+    for (n, m, k) in cases:
         os.environ["NTK_ATTACK_LOOP"] = m
         print(json.dumps({"bench": "attack_cost", "attack": n, "loop": m, "loop_used": attacks.loop_mode(),
-                          **config, "machine": info,
-                          "median_s": round(med[n, m], 4), "median_s_per_step": round(med[n, m] / args.steps, 5),
-                          "min_s": round(min(times[n, m]), 4), "max_s": round(max(times[n, m]), 4),
-                          "warmup_s_with_compile": round(compile_s[n, m], 2)}), flush=True)
+                          **config, "steps": k, "machine": info,
+                          "median_s": round(med[n, m, k], 4), "median_s_per_step": round(med[n, m, k] / k, 5),
+                          "median_process_cpu_s_per_step": round(statistics.median(cpu[n, m, k]) / k, 5),
+                          "min_s": round(min(times[n, m, k]), 4), "max_s": round(max(times[n, m, k]), 4),
+                          "warmup_s_with_compile": round(compile_s[n, m, k], 2)}), flush=True)
     for m in loops:
         if "pgd" in names and "apgd-ce" in names:
-            print(json.dumps({"bench": "apgd_ce_over_pgd", "loop": m, **config, "machine": info,
-                              "ratio_of_medians": round(med["apgd-ce", m] / med["pgd", m], 3)}), flush=True)
+            print(json.dumps({"bench": "apgd_ce_over_pgd", "loop": m, **config, "steps": s, "machine": info,
+                              "ratio_of_medians": round(med["apgd-ce", m, s] / med["pgd", m, s], 3)}), flush=True)
     if "fori" in loops and "host" in loops:
         for n in names:
-            print(json.dumps({"bench": "fori_over_host", "attack": n, **config, "machine": info,
-                              "ratio_of_medians": round(med[n, "fori"] / med[n, "host"], 3)}), flush=True)
+            print(json.dumps({"bench": "fori_over_host", "attack": n, **config, "steps": s, "machine": info,
+                              "ratio_of_medians": round(med[n, "fori", s] / med[n, "host", s], 3)}), flush=True)
     if args.budget:
         targets = min(9, num_classes - 1)
         for m in loops:
             per_image = {}
             for n in names:
                 runs = targets if n in TARGETED else 1
-                per_image[n] = med[n, m] / args.steps * BUDGET_STEPS[n] * runs / args.batch_size
-            pgd100 = per_image.get("pgd")
-            for n in names:
-                runs = targets if n in TARGETED else 1
+                step = max(med[n, m, 2 * s] - med[n, m, s], 0.0) / s            # marginal cost of a step
+                first = max(med[n, m, s] - s * step, 0.0)                       # set-up: clean pass, first query
+                per_image[n] = (first + step * BUDGET_STEPS[n]) * runs / args.batch_size
                 print(json.dumps({"bench": "attack_full_budget", "attack": n, "loop": m, **config, "machine": info,
-                                  "runs": runs, "steps_per_run": BUDGET_STEPS[n],
-                                  "s_per_image": round(per_image[n], 4),
-                                  "over_pgd100": None if pgd100 is None else round(per_image[n] / pgd100, 2),
-                                  "extrapolated_from_steps": args.steps}), flush=True)
+                                  "runs": runs, "steps_per_run": BUDGET_STEPS[n], "s_per_step": round(step, 5),
+                                  "s_setup": round(first, 4), "s_per_image": round(per_image[n], 4),
+                                  "extrapolated_from_steps": [s, 2 * s]}), flush=True)
+            if "pgd" in names:
+                print(json.dumps({"bench": "over_pgd100", "loop": m, **config, "machine": info,
+                                  **{n: round(per_image[n] / per_image["pgd"], 2) for n in names}}), flush=True)
             if all(n in names for n in ENSEMBLE):
                 total = sum(per_image[n] for n in ENSEMBLE)
                 print(json.dumps({"bench": "ensemble_full_budget", "loop": m, **config, "machine": info,
                                   "members": list(ENSEMBLE), "every_image_survives_to_square": True,
                                   "s_per_image": round(total, 4),
                                   "share": {n: round(per_image[n] / total, 3) for n in ENSEMBLE},
-                                  "over_pgd100": None if pgd100 is None else round(total / pgd100, 1),
-                                  "extrapolated_from_steps": args.steps}), flush=True)
+                                  "over_pgd100": round(total / per_image["pgd"], 1) if "pgd" in names else None,
+                                  "extrapolated_from_steps": [s, 2 * s]}), flush=True)
 
 
 if __name__ == "__main__":
