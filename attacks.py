@@ -920,10 +920,9 @@ def _device_batch(arrays, rows, batch_size):
     parallel.padded_size(batch_size) and split over the devices. Returns (sharded arrays,
     valid [size] bool marking the real rows)."""
     size = parallel.padded_size(batch_size)
-    parts = [_pad(np.asarray(a[rows]), size) for a in arrays]
-    m = len(np.asarray(arrays[0][rows]))
-    sharded, _ = parallel.shard_batch(tuple(parts))
-    return sharded, np.arange(size) < m
+    taken = [np.asarray(a[rows]) for a in arrays]
+    sharded, _ = parallel.shard_batch(tuple(_pad(t, size) for t in taken))
+    return sharded, np.arange(size) < len(taken[0])
 
 
 def _attack_rows(predict, variables, x, y, cfg: AttackConfig, chunk_key, *, batch_size, num_classes,

@@ -53,6 +53,12 @@ def mlp_model():
     return train_digits("mlp_skinny", 200, 1e-3)
 
 
+def linear_weights(params):
+    """(w [D, C], b [C]) in float64 of the one-layer `linear` model, whatever its module is named."""
+    (layer,) = params.values()
+    return np.asarray(layer["w"], np.float64), np.asarray(layer["b"], np.float64)
+
+
 def exact_linf_robust(w, b, x, y, eps):
     """Exact robust correctness [N] of the linear classifier x @ w + b in the L-inf ball
     intersected with [0,1]^d. For each other class j the margin (w_y - w_j).x' + b_y - b_j is
@@ -77,8 +83,7 @@ def test_apgd_checkpoints_follow_the_paper():
 
 def test_apgd_finds_the_exact_linf_optimum_of_a_linear_classifier(linear_model, digits):
     apply, params, state = linear_model
-    w = np.asarray(params["linear"]["w"], np.float64)
-    b = np.asarray(params["linear"]["b"], np.float64)
+    w, b = linear_weights(params)
     x, y = digits.x_test[:200], digits.y_test[:200]
     flat = x.reshape(len(x), -1).astype(np.float64)
     eps = 0.08
@@ -132,8 +137,7 @@ def exact_min_distance(w, b, x, y, norm):
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_fab_reaches_the_minimum_norm_boundary_of_a_linear_classifier(linear_model, digits, norm):
     apply, params, state = linear_model
-    w = np.asarray(params["linear"]["w"], np.float64)
-    b = np.asarray(params["linear"]["b"], np.float64)
+    w, b = linear_weights(params)
     x, y = digits.x_test[:60], digits.y_test[:60]
     flat = x.reshape(len(x), -1).astype(np.float64)
     exact = exact_min_distance(w, b, flat, y, norm)
@@ -163,8 +167,7 @@ def test_fab_reaches_the_minimum_norm_boundary_of_a_linear_classifier(linear_mod
 
 def test_fab_t_and_square_match_the_exact_linf_robustness_of_a_linear_classifier(linear_model, digits):
     apply, params, state = linear_model
-    w = np.asarray(params["linear"]["w"], np.float64)
-    b = np.asarray(params["linear"]["b"], np.float64)
+    w, b = linear_weights(params)
     x, y = digits.x_test[:150], digits.y_test[:150]
     eps = 0.08
     exact = exact_linf_robust(w, b, x.reshape(len(x), -1).astype(np.float64), y, eps)
