@@ -408,7 +408,7 @@ def _dynamics_figures(results, k_count, out_dir):
         for j, m in enumerate(MASS_KS):
             axes[j].plot(r["epochs"], r["mass"][f"top{m}"], "-o", ms=3, color=c, label=label)
         axes[2].plot(r["epochs"], r["distance_to_init"], "-o", ms=3, color=c, label=label)
-        v = [(e, x) for e, x in zip(r["epochs"], r["velocity"]) if x is not None]
+        v = [(e, x) for e, x in zip(r["epochs"], r["velocity"]) if x is not None and x > 0]  # log axis
         axes[3].plot([e for e, _ in v], [x for _, x in v], "-o", ms=3, color=c, label=label)
     for j, m in enumerate(MASS_KS):
         axes[j].set_title(f"top-{m} eigenvalue mass")

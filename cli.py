@@ -106,8 +106,19 @@ def check_class_index(class_index, num_classes, dataset, flag="--class_index"):
                         f"(0..{num_classes - 1})")
 
 
+def positive_float(text):
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number > 0")
+    return value
+
+
 def add_memory_gb(p):
-    p.add_argument("--memory_gb", type=float, default=DEFAULT_MEMORY_GB,
+    p.add_argument("--memory_gb", type=positive_float, default=DEFAULT_MEMORY_GB,
                    help="memory budget (GiB) for the gradients the NTK engine holds at once; the kernel does "
                         "not depend on it, only the time (a smaller budget recomputes more gradients)")
 
@@ -160,6 +171,15 @@ def add_attack_args(p):
     p.add_argument("--square_p_init", type=fraction, default=0.8,
                    help="Square's initial fraction of the pixels changed per query, halved on "
                         "AutoAttack's schedule (AutoAttack: 0.8).")
+
+
+def check_attack_args(args, steps_flag):
+    """The attack options of `add_attack_args` and the steps flag (`pgd_steps`, `pgd_eval_steps`):
+    each at least 1 (a zero would be taken for the default, or divide the step size by zero)."""
+    from utils import UserError
+    for flag in (steps_flag, "restarts", "n_target_classes"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
 
 
 def add_no_progress(p):

@@ -28,7 +28,15 @@ fi
 COMMON="--dataset digits --model resnet18 --width 8 --random_seed 0"
 
 run() { echo; echo "+ $*"; "$@"; }
+# A rerun of the same demo replaces its outputs; the scripts refuse to replace outputs made with
+# other flags, so a quick demo never overwrites a full one (or the reverse) in the same folder.
+MODE=$([[ "${DEMO_QUICK:-0}" == 1 ]] && echo quick || echo full)
+if [[ -f "$OUT/.demo_mode" && "$(cat "$OUT/.demo_mode")" != "$MODE" ]]; then
+  echo "error: $OUT holds the outputs of the $(cat "$OUT/.demo_mode") demo: set DEMO_OUT to another folder, or delete $OUT" >&2
+  exit 2
+fi
 mkdir -p "$OUT"
+echo "$MODE" > "$OUT/.demo_mode"
 
 # 1-2. phase 1: clean (CC) and adversarial (AC) training, constant saves for the kernel motion
 for L in CC AC; do

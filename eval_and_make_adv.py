@@ -94,14 +94,14 @@ def build_parser():
 # Input checks
 # --------------------------------------------------------------------------------------
 def _check_args(args):
-    if args.eps < 0 or args.l2_eps < 0:
-        raise UserError("--eps and --l2_eps must be >= 0")
-    for flag in ("pgd_steps", "batch_size", "restarts", "n_target_classes"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not (0 <= args.eps < float("inf") and 0 <= args.l2_eps < float("inf")):
+        raise UserError(f"--eps and --l2_eps must be >= 0 and finite (got {args.eps:g} and {args.l2_eps:g})")
+    cli.check_attack_args(args, "pgd_steps")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.test_size is not None and args.test_size < 1:
         raise UserError(f"--test_size must be >= 1, got {args.test_size}")
-    if args.step_size is not None and args.step_size <= 0:
+    if args.step_size is not None and not 0 < args.step_size < float("inf"):
         raise UserError(f"--step_size must be > 0, got {args.step_size}")
 
 

@@ -102,11 +102,12 @@ def validate(args):
     for flag in ("train_size", "test_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
-    for flag in ("standard_epochs", "linear_epochs", "flip_epoch", "pgd_eval_steps"):
+    for flag in ("standard_epochs", "linear_epochs", "flip_epoch"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive (got {args.batch_size})")
+    cli.check_attack_args(args, "pgd_eval_steps")
     if args.width is not None and args.width <= 0:
         raise UserError(f"--width must be positive (got {args.width})")
     if args.resume and args.overwrite:

@@ -423,8 +423,8 @@ def open_inputs(args):
     _resolve("random_seed", ("the kernel file", kfile.get("random_seed")), ("--random_seed", args.random_seed))
     if args.n_images < 1 or args.n_images > n:
         raise UserError(f"--n_images {args.n_images} must be between 1 and the kernel's n={n}")
-    if args.steps < 0 or not args.step_size > 0 or not args.ridge >= 0:
-        raise UserError("--steps must be >= 0, --step_size > 0 and --ridge >= 0")
+    if args.steps < 0 or not 0 < args.step_size < float("inf") or not 0 <= args.ridge < float("inf"):
+        raise UserError("--steps must be >= 0, --step_size > 0 and --ridge >= 0 (both finite)")
 
     checkpoints.check_file(args.model_path)
     ckpt = checkpoints.load_checkpoint(args.model_path)

@@ -1,12 +1,12 @@
 """Print the README's bad-input table by running every bad input through the real scripts.
 
-    python docs/bad_inputs.py > /tmp/bad_inputs.md      # about a minute on 2 CPU cores
+    python docs/bad_inputs.py > /tmp/bad_inputs.md      # a few minutes on 2 CPU cores
 
 It makes a scratch directory holding two tiny digits runs, a kernel file and some broken files,
 runs each command there (so the messages show short relative paths; an absolute path into it is
 shown as <scratch>), and checks what the README
 promises: exit status 2, exactly one line on stderr starting with "error: ", no traceback, and no
-file in the scratch directory changed. It fails loudly if any row breaks that promise. The last
+file in the scratch directory changed, added or removed, and no folder created. It fails loudly if any row breaks that promise. The last
 column names the test that asserts the same message in CI (this script is not a test: it takes
 minutes, and the tests already cover every row).
 """
@@ -22,6 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = [sys.executable]
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 TINY = "--dataset digits --model mlp_skinny --train_size 100 --test_size 50 --pgd_eval_steps 2 --no_progress"
+FEATURES = ("features --model_path run/parameters_final.pkl --n_train 10 --n_test 10 --steps 1 --n_features 2 "
+            "--n_tail 1 --out_dir an --no_progress")
 
 # (input, command run in the scratch directory, the test asserting the same message)
 ROWS = [
@@ -79,6 +81,37 @@ ROWS = [
      "test_run_exp.py::test_bad_input_is_one_line_and_changes_nothing[resume-other-flags]"),
     ("CIFAR-10 missing, no network", "run_exp.py --dataset cifar10 --data_dir nodata --no_progress",
      "test_download.py::test_no_server_is_a_one_line_error_saying_where_to_put_the_files"),
+    ("a run directory as `--model_path`", "eval_and_make_adv.py --model_path run",
+     "test_no_lost_work.py::test_a_directory_for_a_file_is_named_as_one[eval-model_path]"),
+    ("a run directory as `--model_path` (kernel)", "calculate_kernel.py --model_path run --dataset_size 20",
+     "test_no_lost_work.py::test_a_directory_for_a_file_is_named_as_one[kernel-model_path]"),
+    ("a run directory as `--model_path` (analysis)", "analyze_ntk.py features --model_path run",
+     "test_no_lost_work.py::test_a_directory_for_a_file_is_named_as_one[features-model_path]"),
+    ("a run directory as `--base_model_path`", f"run_exp.py {TINY} --base_model_path run",
+     "test_no_lost_work.py::test_a_directory_for_a_file_is_named_as_one[run_exp-base_model_path]"),
+    ("a directory as `--kernel_path`", "visualize_ntk_features.py --model_path run/parameters_final.pkl "
+     "--kernel_path run", "test_no_lost_work.py::test_a_directory_for_a_file_is_named_as_one[visualize-kernel_path]"),
+    ("a directory as `--test_path`", "eval_and_make_adv.py --model_path run/parameters_final.pkl --test_path run",
+     "test_no_lost_work.py::test_a_directory_for_a_file_is_named_as_one[eval-test_path]"),
+    ("a failing analysis with a new `--out_dir` (no empty folder is left)",
+     "analyze_ntk.py features --model_path run/parameters_final.pkl --n_train 3 --out_dir new_out",
+     "test_no_lost_work.py::test_a_failing_run_leaves_no_empty_folder[features-out_dir-bad-n_train]"),
+    ("`--save_path` holding another run", f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --eps 8 "
+     "--save_path run", "test_no_lost_work.py::test_run_exp_refuses_a_save_path_holding_another_run"),
+    ("`--resume` with `--overwrite`", f"run_exp.py {TINY} --save_path run --resume --overwrite",
+     "test_no_lost_work.py::test_run_exp_refuses_files_without_a_record_and_contradicting_flags"),
+    ("the kernel of another checkpoint under the same name",
+     "calculate_kernel.py --model_path run/parameters_checkpoint_1.pkl --dataset_size 20 --class_index 0",
+     "test_no_lost_work.py::test_kernel_of_another_checkpoint_is_not_replaced"),
+    ("an evaluation with other flags under the same name",
+     "eval_and_make_adv.py --model_path run/parameters_final.pkl --test_size 20 --pgd_steps 1 --eps 8",
+     "test_no_lost_work.py::test_eval_outputs_of_other_inputs_are_not_replaced"),
+    ("an analysis with other flags in the same `--out_dir`", f"analyze_ntk.py {FEATURES} --eps 8",
+     "test_no_lost_work.py::test_analysis_outputs_of_other_inputs_are_not_replaced"),
+    ("a value of the wrong type", "eval_and_make_adv.py --model_path run/parameters_final.pkl --eps x",
+     "test_no_lost_work.py::test_argparse_errors_are_one_line[wrong-type]"),
+    ("a negative `--random_seed`", "calculate_kernel.py --model_path run/parameters_final.pkl --random_seed -1",
+     "test_no_lost_work.py::test_argparse_errors_are_one_line[negative-seed]"),
 ]
 
 
@@ -88,12 +121,14 @@ def sh(cmd, cwd):
 
 
 def setup(d):
-    for cmd in (f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --save_path run",
+    for cmd in (f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --constant_save --save_path run",
                 f"run_exp.py {TINY} --standard_epochs 1 --linear_epochs 0 --save_models --save_path other "
                 "--random_seed 1",
                 f"run_exp.py {TINY.replace('mlp_skinny', 'resnet18 --width 2')} --standard_epochs 0 "
                 "--linear_epochs 0 --save_models --save_path resnet",
-                "calculate_kernel.py --model_path run/parameters_final.pkl --dataset_size 20 --class_index 0"):
+                "calculate_kernel.py --model_path run/parameters_final.pkl --dataset_size 20 --class_index 0",
+                "eval_and_make_adv.py --model_path run/parameters_final.pkl --test_size 20 --pgd_steps 1 --no_progress",
+                f"analyze_ntk.py {FEATURES}"):
         p = sh(cmd, d)
         assert p.returncode == 0, (cmd, p.stderr[-2000:])
     sys.path.insert(0, ROOT)
@@ -132,8 +167,10 @@ def setup(d):
 
 
 def snapshot(d):
+    """Every file (mtime, sha1) and every folder under `d`."""
     out = {}
     for root, _, names in os.walk(d):
+        out[root] = "folder"
         for n in names:
             path = os.path.join(root, n)
             with open(path, "rb") as f:

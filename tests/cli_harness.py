@@ -39,6 +39,7 @@ def _build(d):
     run/kernels/            calculate_kernel.py --save_name fixture: fixture_class_0_20.pkl
     run/evals/              eval_and_make_adv.py --save_name fixture --save_examples
     run/vis/                visualize_ntk_features.py --save_name fixture_images (.pkl, .png)
+    mini/                   two of run/'s checkpoints (epochs 0 and 1)
     truncated.pkl, empty.pkl, notes.txt, evil.pkl (runs os.system when unpickled), emptydir/"""
     import pickle
 
@@ -69,6 +70,9 @@ def _build(d):
     with open(os.path.join(d, "evil.pkl"), "wb") as f:
         pickle.dump({"params": _Evil(), "lin_params": {}, "net_state": {}}, f)
     os.mkdir(os.path.join(d, "emptydir"))
+    os.mkdir(os.path.join(d, "mini"))  # a run directory with two checkpoints: a quick analyze_ntk.py dynamics
+    for e in (0, 1):
+        shutil.copy2(os.path.join(d, "run", f"parameters_checkpoint_{e}.pkl"), os.path.join(d, "mini"))
 
 
 def snapshot(d):

@@ -109,7 +109,7 @@ FAILURES = {  # id: (script, argv, what to break (or None: the input itself is b
     "attack-out_dir": ("analyze_ntk", ["attack", "--model_path", FINAL, "--n_train", "10", "--n_test", "10",
                                        "--out_dir", "new", "--no_progress"], ("kernel_analysis", "fit_kernel_predictor"),
                        "new"),
-    "dynamics-out_dir": ("analyze_ntk", ["dynamics", "--runs", "run", "--dataset_size", "10", "--out_dir", "new",
+    "dynamics-out_dir": ("analyze_ntk", ["dynamics", "--runs", "mini", "--dataset_size", "10", "--out_dir", "new",
                                          "--no_progress"], ("ntk", "empirical_ntk"), "new"),
     "run_exp-save_path-bad-base": ("run_exp", [*TINY, "--base_model_path", "truncated.pkl", "--save_path", "new/run"],
                                    None, "new"),
@@ -269,7 +269,7 @@ def test_analysis_outputs_of_other_inputs_are_not_replaced(sc):
     ok(sc, "analyze_ntk", *a)
     assert refused(sc, "analyze_ntk", *a, "--method", "fgsm").startswith(
         "error: an/ntk_attack_ntk.json already holds a kernel-predictor attack with --method 'pgd', not 'fgsm'")
-    d = ["dynamics", "--runs", "run", "--dataset_size", "10", "--out_dir", "an", "--no_progress"]
+    d = ["dynamics", "--runs", "mini", "--dataset_size", "10", "--out_dir", "an", "--no_progress"]
     ok(sc, "analyze_ntk", *d)
     assert refused(sc, "analyze_ntk", *d, "--k", "3").startswith(
         "error: an/dynamics.json already holds a kernel-dynamics analysis with --k 10, not 3")

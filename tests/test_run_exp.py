@@ -485,7 +485,7 @@ BAD = {  # id: (flags, the exact error line; {d} is a scratch dir, {run} the exi
     "negative-eps": (["--eps", "-1"], "--eps must be >= 0 (got -1.0)"),
     "inf-second_lr": (["--second_lr", "inf"], "--second_lr must be finite and >= 0 (got inf)"),
     "negative-train_size": (["--train_size", "-10"], "--train_size must be positive (got -10)"),
-    "missing-base": (["--base_model_path", "{d}/nope.pkl"], "--base_model_path {d}/nope.pkl does not exist"),
+    "missing-base": (["--base_model_path", "{d}/nope.pkl"], "file not found: {d}/nope.pkl"),
     "base-other-model": (["--base_model_path", "{mlp}", "--model", "mlp_wide"],
                          "{mlp} was saved with model=mlp_skinny but model=mlp_wide was requested"),
     "base-other-width": (["--base_model_path", "{resnet}", "--width", "4"],
