@@ -342,15 +342,28 @@ def analyse_run(epochs, kernels, k_count):
 
 
 def _dynamics_figures(results, k_count, out_dir):
+    """The figures of `dynamics`; returns their paths."""
     import matplotlib
     matplotlib.use("Agg")
+    parts = (("full", "full kernel"), ("top", f"top-{k_count} eigenspace"), ("bottom", f"bottom-{k_count} eigenspace"))
+    return (_distance_figures(results, out_dir) + [_polar_figure(results, parts, out_dir),
+                                                    _polar_vs_epoch_figure(results, parts, out_dir),
+                                                    _mass_figure(results, out_dir)])
+
+
+def _colors():
+    import matplotlib.pyplot as plt
+    return plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _all_epochs(results):
+    return sorted({e for r in results.values() for e in r["epochs"]})
+
+
+def _distance_figures(results, out_dir):
     import matplotlib.pyplot as plt
     import seaborn as sns
     files = []
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    all_epochs = sorted({e for r in results.values() for e in r["epochs"]})
-    parts = (("full", "full kernel"), ("top", f"top-{k_count} eigenspace"), ("bottom", f"bottom-{k_count} eigenspace"))
-
     # One colour scale for every run's distance matrix, so the figures compare.
     vmax = max(float(np.max(r["distance_matrix"])) for r in results.values()) or 1.0
     shared = len(results) > 1
@@ -364,8 +377,13 @@ def _dynamics_figures(results, k_count, out_dir):
         ax.set_ylabel("epoch")
         ax.set_title(f"{label}: kernel distance across checkpoints")
         files.append(_save_fig(fig, os.path.join(out_dir, f"kernel_distance_{_safe(label)}.png")))
+    return files
 
-    # Polar plots: angle = arccos(similarity to K_0), radius = normalised distance from K_0.
+
+def _polar_figure(results, parts, out_dir):
+    """Angle = arccos(similarity to K_0), radius = normalised distance from K_0."""
+    import matplotlib.pyplot as plt
+    colors = _colors()
     fig = plt.figure(figsize=(15, 5.6))
     for j, (part, title) in enumerate(parts):
         ax = fig.add_subplot(1, 3, j + 1, projection="polar")
@@ -384,8 +402,12 @@ def _dynamics_figures(results, k_count, out_dir):
                  fontsize=11)
     fig.legend(loc="lower center", ncol=len(results), fontsize=9, frameon=False)
     fig.subplots_adjust(bottom=0.14, top=0.82, wspace=0.3)
-    files.append(_save_fig(fig, os.path.join(out_dir, "polar_dynamics.png")))
+    return _save_fig(fig, os.path.join(out_dir, "polar_dynamics.png"))
 
+
+def _polar_vs_epoch_figure(results, parts, out_dir):
+    import matplotlib.pyplot as plt
+    colors, all_epochs = _colors(), _all_epochs(results)
     fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), sharex=True)
     for j, (part, title) in enumerate(parts):
         for i, (label, r) in enumerate(results.items()):
@@ -400,8 +422,12 @@ def _dynamics_figures(results, k_count, out_dir):
             _epoch_axis(ax, all_epochs)
         axes[0, j].set_xlabel("")
     axes[0, 0].legend()
-    files.append(_save_fig(fig, os.path.join(out_dir, "polar_vs_epoch.png")))
+    return _save_fig(fig, os.path.join(out_dir, "polar_vs_epoch.png"))
 
+
+def _mass_figure(results, out_dir):
+    import matplotlib.pyplot as plt
+    colors, all_epochs = _colors(), _all_epochs(results)
     fig, axes = plt.subplots(1, 4, figsize=(19, 4.4))
     for i, (label, r) in enumerate(results.items()):
         c = colors[i % len(colors)]
@@ -423,11 +449,11 @@ def _dynamics_figures(results, k_count, out_dir):
         _epoch_axis(ax, all_epochs)
     axes[0].legend()
     fig.tight_layout()
-    files.append(_save_fig(fig, os.path.join(out_dir, "eigenvalue_mass.png")))
-    return files
+    return _save_fig(fig, os.path.join(out_dir, "eigenvalue_mass.png"))
 
 
-def run_dynamics(args):
+def _dynamics_labels(args):
+    """One distinct label per run, checked with the other flags of `dynamics`."""
     if (args.runs is None) == (args.kernel_files is None):
         raise UserError("give exactly one of --runs and --kernel_files")
     if args.k <= 0:
@@ -443,6 +469,54 @@ def run_dynamics(args):
         labels = [f"run{i}" for i in range(len(sources))]
     if len(set(labels)) != len(labels):
         raise UserError(f"runs need distinct labels (got {labels}); pass --labels")
+    return labels
+
+
+def _kernels_of_runs(args, labels, check_out_dir):
+    """The analysed kernels of every checkpoint of --runs, on one fixed image subset (cached).
+    Returns (results by label, kernels computed)."""
+    import data
+    ckpt_lists = [list_checkpoints(r) for r in args.runs]  # every run checked before any work
+    first = open_network(ckpt_lists[0][0][1], args)
+    cli.check_class_index(args.class_index, first.num_classes, first.dataset)
+    if args.dataset_size <= 0 or args.dataset_size % first.num_classes:
+        raise UserError(f"--dataset_size must be a positive multiple of the class count "
+                        f"{first.num_classes} (got {args.dataset_size})")
+    ds = _load_data(first.dataset, args.data_dir, first.input_shape)
+    x_sub, y_sub, indices = data.balanced_subset(ds.x_train, ds.y_train, args.dataset_size, args.random_seed,
+                                                 ds.num_classes, "--dataset_size")
+    subset = (x_sub, y_sub, indices, first.dataset)
+    check_out_dir()
+    cache_dir = os.path.join(args.out_dir or "ntk_analysis", "kernel_cache")
+    total, computed, results = sum(len(c) for c in ckpt_lists), 0, {}
+    with _progress(args, total=total, desc="kernels", unit="ckpt") as bar:
+        for label, run_dir in zip(labels, args.runs):
+            epochs, paths, kernels, n_new = _run_kernels_from_checkpoints(args, label, run_dir, cache_dir,
+                                                                          subset, bar)
+            computed += n_new
+            results[label] = {"source": os.path.abspath(run_dir), "checkpoints": paths,
+                              **analyse_run(epochs, kernels, min(args.k, len(indices)))}
+    print(f"{computed} kernels computed, {total - computed} reused from {cache_dir}")
+    return results, computed
+
+
+def _print_dynamics(results):
+    for label, r in results.items():
+        e = r["epochs"]
+        half = next((ep for ep, rad in zip(e, r["polar"]["full"]["radius"]) if rad >= 0.5), None)
+        print(f"{label}: {len(e)} checkpoints (epochs {e[0]:g}..{e[-1]:g}); final d(K_0, K_T) = "
+              f"{r['distance_to_init'][-1]:.4f}; half of the final radius reached at epoch {half}; "
+              f"top-10 mass {r['mass']['top10'][0]:.3f} -> {r['mass']['top10'][-1]:.3f}")
+        norms = r["frobenius_norm"]
+        if len(norms) > 1 and norms[0] > 100 * np.median(norms[1:]):
+            print(f"note ({label}): |K_0|_F is {norms[0] / np.median(norms[1:]):.3g} times the median of the later "
+                  "kernels (with BatchNorm, the epoch-0 kernel uses initial running statistics), so |K_t - K_0| is "
+                  "about |K_0| at every t and the radius stays near 1; the angle and the kernel distance are "
+                  "scale-free and remain informative")
+
+
+def run_dynamics(args):
+    labels = _dynamics_labels(args)
     out_dir = args.out_dir or "ntk_analysis"
     figure_names = [f"kernel_distance_{_safe(label)}.png" for label in labels] + list(DYNAMICS_FIGURES)
     json_path = os.path.join(out_dir, "dynamics.json")
@@ -454,28 +528,7 @@ def run_dynamics(args):
 
     results, computed = {}, 0
     if args.runs is not None:
-        import data
-        ckpt_lists = [list_checkpoints(r) for r in args.runs]  # every run checked before any work
-        first = open_network(ckpt_lists[0][0][1], args)
-        cli.check_class_index(args.class_index, first.num_classes, first.dataset)
-        if args.dataset_size <= 0 or args.dataset_size % first.num_classes:
-            raise UserError(f"--dataset_size must be a positive multiple of the class count "
-                            f"{first.num_classes} (got {args.dataset_size})")
-        ds = _load_data(first.dataset, args.data_dir, first.input_shape)
-        x_sub, y_sub, indices = data.balanced_subset(ds.x_train, ds.y_train, args.dataset_size, args.random_seed,
-                                                     ds.num_classes, "--dataset_size")
-        subset = (x_sub, y_sub, indices, first.dataset)
-        check_out_dir()
-        cache_dir = os.path.join(out_dir, "kernel_cache")
-        total = sum(len(c) for c in ckpt_lists)
-        with _progress(args, total=total, desc="kernels", unit="ckpt") as bar:
-            for label, run_dir in zip(labels, args.runs):
-                epochs, paths, kernels, n_new = _run_kernels_from_checkpoints(args, label, run_dir, cache_dir,
-                                                                              subset, bar)
-                computed += n_new
-                results[label] = {"source": os.path.abspath(run_dir), "checkpoints": paths,
-                                  **analyse_run(epochs, kernels, min(args.k, len(indices)))}
-        print(f"{computed} kernels computed, {total - computed} reused from {cache_dir}")
+        results, computed = _kernels_of_runs(args, labels, check_out_dir)
     else:
         loaded = []
         for label, files in zip(labels, args.kernel_files):
@@ -500,18 +553,7 @@ def run_dynamics(args):
                    "velocity": "d(K_{t-1}, K_t) / (epoch_t - epoch_{t-1})"},
                "runs": results, "figures": files, "inputs": analysis_inputs(args, labels=labels)}
     utils.atomic_json(json_path, summary)
-    for label, r in results.items():
-        e = r["epochs"]
-        half = next((ep for ep, rad in zip(e, r["polar"]["full"]["radius"]) if rad >= 0.5), None)
-        print(f"{label}: {len(e)} checkpoints (epochs {e[0]:g}..{e[-1]:g}); final d(K_0, K_T) = "
-              f"{r['distance_to_init'][-1]:.4f}; half of the final radius reached at epoch {half}; "
-              f"top-10 mass {r['mass']['top10'][0]:.3f} -> {r['mass']['top10'][-1]:.3f}")
-        norms = r["frobenius_norm"]
-        if len(norms) > 1 and norms[0] > 100 * np.median(norms[1:]):
-            print(f"note ({label}): |K_0|_F is {norms[0] / np.median(norms[1:]):.3g} times the median of the later "
-                  "kernels (with BatchNorm, the epoch-0 kernel uses initial running statistics), so |K_t - K_0| is "
-                  "about |K_0| at every t and the radius stays near 1; the angle and the kernel distance are "
-                  "scale-free and remain informative")
+    _print_dynamics(results)
     for f in files + [json_path]:
         print(f"wrote {f}")
     return summary
