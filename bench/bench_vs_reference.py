@@ -7,9 +7,9 @@ shapes, the same random CIFAR-shaped images and labels, and the same ResNet-18 w
 reference's Haiku tree and ours have the same names and shapes). Measured paths:
 
   train_standard  reference run_exp.do_training_step (SGD 0.1, momentum 0.9, BatchNorm training)
-                  vs utils.make_train_step(apply, 'standard', True, ...)
+                  vs train.make_train_step(apply, 'standard', True, ...)
   train_linear    reference run_exp.do_training_step_linear (SGD 0.01, BatchNorm frozen)
-                  vs utils.make_train_step(apply, 'linear', False, ...)
+                  vs train.make_train_step(apply, 'linear', False, ...)
   pgd20           reference test_functions.perturb (L-inf, eps 4/255, step 2 eps/20, 20 steps)
                   vs attacks.pgd with the same settings
   ntk             class-0 empirical NTK of n images: the reference's calculate_kernel.py scheme
@@ -288,14 +288,14 @@ def our_paths(params0, net_state0, x, y, x_ntk, ntk_ns):
     import attacks
     import models
     import ntk
-    import utils
+    import train
     _, apply = models.get_model("resnet18", 10, 64)
     out = {}
     for path, dynamics, bn, lr in (("train_standard", "standard", True, 0.1),
                                    ("train_linear", "linear", False, 0.01)):
-        opt = utils.make_optimizer(lr)
-        step = utils.make_train_step(apply, dynamics, bn, opt)
-        holder = [utils.TrainState(params0, net_state0, opt.init(params0), jnp.zeros((), jnp.int32))]
+        opt = train.make_optimizer(lr)
+        step = train.make_train_step(apply, dynamics, bn, opt)
+        holder = [train.TrainState(params0, net_state0, opt.init(params0), jnp.zeros((), jnp.int32))]
 
         def call(step=step, holder=holder):
             holder[0], metrics = step(holder[0], params0, x, y)
