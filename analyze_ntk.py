@@ -384,7 +384,7 @@ def _polar_figure(results, parts, out_dir):
     """Angle = arccos(similarity to K_0), radius = normalised distance from K_0."""
     import matplotlib.pyplot as plt
     colors = _colors()
-    fig = plt.figure(figsize=(15, 5.6))
+    fig = plt.figure(figsize=(15, 5.0))
     for j, (part, title) in enumerate(parts):
         ax = fig.add_subplot(1, 3, j + 1, projection="polar")
         max_angle = max(max(r["polar"][part]["angle"]) for r in results.values())
@@ -401,7 +401,7 @@ def _polar_figure(results, parts, out_dir):
     fig.suptitle("polar dynamics of the kernel: angle = arccos sim(K_t, K_0), radius = |K_t - K_0| / |K_T - K_0|",
                  fontsize=11)
     fig.legend(loc="lower center", ncol=len(results), fontsize=9, frameon=False)
-    fig.subplots_adjust(bottom=0.14, top=0.82, wspace=0.3)
+    fig.subplots_adjust(bottom=0.1, top=0.86, wspace=0.3)
     return _save_fig(fig, os.path.join(out_dir, "polar_dynamics.png"))
 
 
@@ -666,7 +666,7 @@ def run_features(args):
     out_dir = _default_out_dir(args)
     s = PredictorSetup(args)
     fig_path, json_path = os.path.join(out_dir, "eigen_features.png"), os.path.join(out_dir, "eigen_features.json")
-    inputs = analysis_inputs(args)
+    inputs = analysis_inputs(args, model=s.net.model, width=s.net.width, dataset=s.net.dataset)
     check_outputs([fig_path], json_path, inputs, "an eigen-feature analysis")
     utils.check_writable_dir(out_dir, "--out_dir")
     s.fit(args)
@@ -782,7 +782,7 @@ def run_attack(args):
     adv_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
     clean_path = os.path.join(out_dir, f"clean_examples_{args.save_name}.pkl")
     json_path = os.path.join(out_dir, f"ntk_attack_{args.save_name}.json")
-    inputs = analysis_inputs(args)
+    inputs = analysis_inputs(args, model=s.net.model, width=s.net.width, dataset=s.net.dataset)
     check_outputs([adv_path, clean_path], json_path, inputs, "a kernel-predictor attack")
     utils.check_writable_dir(out_dir, "--out_dir")
     s.fit(args)

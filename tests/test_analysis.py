@@ -204,3 +204,20 @@ def test_attack_script_lowers_accuracy_and_saves_transferable_examples(tiny_run,
     assert x.shape == (30, 8, 8, 1)
     t = s["network_transfer"]                                            # ran eval_and_make_adv.run
     assert 0 <= t["acc_on_ntk_examples"] <= 1 and 0 <= t["acc_clean"] <= 1
+
+
+def test_epoch_axes_show_no_negative_epochs():
+    """The symlog epoch axis of the dynamics figures starts at epoch 0 (matplotlib's margins used
+    to spend almost half of each panel on negative epochs)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import analyze_ntk
+    fig, ax = plt.subplots()
+    epochs = [0, 0.125, 0.25, 1, 2.5, 20]
+    ax.plot(epochs, np.arange(len(epochs)))
+    analyze_ntk._epoch_axis(ax, epochs)
+    lo, hi = ax.get_xlim()
+    assert lo == 0 and 20 < hi < 25
+    plt.close(fig)
