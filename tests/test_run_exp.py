@@ -369,7 +369,7 @@ def test_kill_9_during_checkpoint_saves_leaves_no_partial_pkl(tmp_path):
     """A process saving a 32 MB checkpoint in a loop is killed -9 at random moments: every .pkl
     present loads completely; at most temp files are left."""
     code = textwrap.dedent(f"""
-        import numpy as np, utils
+        import numpy as np, checkpoints
         w = np.arange(4_000_000, dtype=np.float32).reshape(2000, 2000)
         print("ready", flush=True)
         for i in range(10 ** 9):
