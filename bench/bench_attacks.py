@@ -48,7 +48,7 @@ TARGETED = ("apgd-dlr", "fab-t")
 ENSEMBLE = ("apgd-ce", "apgd-dlr", "fab-t", "square")
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="attack steps (Square: queries) per timed run")
@@ -67,7 +67,17 @@ def main(argv=None):
                    help="comma-separated loop modes to time (NTK_ATTACK_LOOP: auto, fori, host); 'fori,host' "
                         "also prints their ratio")
     args = p.parse_args(argv)
+    args.names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    for n in args.names:
+        if n not in BUDGET_STEPS:
+            p.error(f"unknown attack {n!r}")
+    args.loop_modes = [m.strip() for m in args.loops.split(",") if m.strip()]
+    return args
 
+
+def make_runner(args):
+    """`runner(attack name, steps)`: one attack of a random network on noise images labelled with
+    its own predictions."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,17 +86,13 @@ def main(argv=None):
     import data
     import models
 
-    num_classes = data.num_classes_of(args.dataset)
-    init, apply = models.get_model(args.model, num_classes, args.width)
+    init, apply = models.get_model(args.model, data.num_classes_of(args.dataset), args.width)
     shape = (args.batch_size,) + tuple(data.INPUT_SHAPES[args.dataset])
     params, state = random_variables(init, shape)
     predict = attacks.make_predict(apply, args.dynamics)
-    theta0 = params
-    if args.dynamics != "standard":
-        theta0 = jax.tree_util.tree_map(lambda a: a * 0.9, params)
+    theta0 = params if args.dynamics == "standard" else jax.tree_util.tree_map(lambda a: a * 0.9, params)
     variables = (params, theta0, state)
-    rng = np.random.default_rng(1)
-    x = jnp.asarray(rng.uniform(size=shape).astype(np.float32))
+    x = jnp.asarray(np.random.default_rng(1).uniform(size=shape).astype(np.float32))
     y = jnp.argmax(predict(variables, x), -1).astype(jnp.int32)
     eps = 4 / 255
     key = jax.random.PRNGKey(0)
@@ -100,78 +106,93 @@ def main(argv=None):
         if name == "fab-t":
             return attacks.fab_t(predict, variables, x, y, key, eps, steps=steps, norm="linf")
         return jnp.asarray(attacks.square(predict, variables, x, y, key, eps, queries=steps, norm="linf"))
+    return runner
 
-    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
-    for n in names:
-        if n not in BUDGET_STEPS:
-            p.error(f"unknown attack {n!r}")
-    loops = [m.strip() for m in args.loops.split(",") if m.strip()]
-    step_counts = (args.steps, 2 * args.steps) if args.budget else (args.steps,)
-    cases = [(n, m, k) for m in loops for n in names for k in step_counts]
 
+def time_cases(args, runner, cases):
+    """Warm-up (compile) each (attack, loop mode, steps) case, then `--repeats` interleaved rounds.
+    Returns (warm-up seconds, wall seconds lists, process-CPU seconds lists), keyed by case."""
     def run(case):
         os.environ["NTK_ATTACK_LOOP"] = case[1]
         runner(case[0], case[2]).block_until_ready()
 
-    info = machine()
-    info["load_avg_1min_at_start"] = os.getloadavg()[0]
     compile_s = {}
-    for c in cases:   # warm-up: compile and run once
+    for c in cases:
         t = time.perf_counter()
         run(c)
         compile_s[c] = time.perf_counter() - t
-    times = {c: [] for c in cases}
-    cpu = {c: [] for c in cases}
+    times, cpu = {c: [] for c in cases}, {c: [] for c in cases}
     for _ in range(args.repeats):
-        for c in cases:   # interleaved
+        for c in cases:
             t, t_cpu = time.perf_counter(), time.process_time()
             run(c)
             times[c].append(time.perf_counter() - t)
             cpu[c].append(time.process_time() - t_cpu)
+    return compile_s, times, cpu
+
+
+def emit(record):
+    print(json.dumps(record), flush=True)
+
+
+def report_budget(args, med, loop, common):
+    """Each attack's extrapolated cost per image at AutoAttack's budget, and the ensemble's."""
+    import data
+    s, names = args.steps, args.names
+    targets = min(9, data.num_classes_of(args.dataset) - 1)
+    per_image = {}
+    for n in names:
+        runs = targets if n in TARGETED else 1
+        step = max(med[n, loop, 2 * s] - med[n, loop, s], 0.0) / s      # marginal cost of a step
+        first = max(med[n, loop, s] - s * step, 0.0)                    # set-up: clean pass, first query
+        per_image[n] = (first + step * BUDGET_STEPS[n]) * runs / args.batch_size
+        emit({"bench": "attack_full_budget", "attack": n, "loop": loop, **common, "runs": runs,
+              "steps_per_run": BUDGET_STEPS[n], "s_per_step": round(step, 5), "s_setup": round(first, 4),
+              "s_per_image": round(per_image[n], 4), "extrapolated_from_steps": [s, 2 * s]})
+    if "pgd" in names:
+        emit({"bench": "over_pgd100", "loop": loop, **common,
+              **{n: round(per_image[n] / per_image["pgd"], 2) for n in names}})
+    if all(n in names for n in ENSEMBLE):
+        total = sum(per_image[n] for n in ENSEMBLE)
+        emit({"bench": "ensemble_full_budget", "loop": loop, **common, "members": list(ENSEMBLE),
+              "every_image_survives_to_square": True, "s_per_image": round(total, 4),
+              "share": {n: round(per_image[n] / total, 3) for n in ENSEMBLE},
+              "over_pgd100": round(total / per_image["pgd"], 1) if "pgd" in names else None,
+              "extrapolated_from_steps": [s, 2 * s]})
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import attacks
+
+    runner = make_runner(args)
+    s, names, loops = args.steps, args.names, args.loop_modes
+    cases = [(n, m, k) for m in loops for n in names for k in ((s, 2 * s) if args.budget else (s,))]
+    info = dict(machine(), load_avg_1min_at_start=os.getloadavg()[0])
+    compile_s, times, cpu = time_cases(args, runner, cases)
     config = {"model": args.model, "dataset": args.dataset, "width": args.width if args.model == "resnet18" else None,
               "batch_size": args.batch_size, "norm": "linf", "dynamics": args.dynamics, "repeats": args.repeats}
+    common = {**config, "machine": info}
     med = {c: statistics.median(t) for c, t in times.items()}
-    s = args.steps
     for (n, m, k) in cases:
         os.environ["NTK_ATTACK_LOOP"] = m
-        print(json.dumps({"bench": "attack_cost", "attack": n, "loop": m, "loop_used": attacks.loop_mode(),
-                          **config, "steps": k, "machine": info,
-                          "median_s": round(med[n, m, k], 4), "median_s_per_step": round(med[n, m, k] / k, 5),
-                          "median_process_cpu_s_per_step": round(statistics.median(cpu[n, m, k]) / k, 5),
-                          "min_s": round(min(times[n, m, k]), 4), "max_s": round(max(times[n, m, k]), 4),
-                          "warmup_s_with_compile": round(compile_s[n, m, k], 2)}), flush=True)
+        emit({"bench": "attack_cost", "attack": n, "loop": m, "loop_used": attacks.loop_mode(), **config,
+              "steps": k, "machine": info, "median_s": round(med[n, m, k], 4),
+              "median_s_per_step": round(med[n, m, k] / k, 5),
+              "median_process_cpu_s_per_step": round(statistics.median(cpu[n, m, k]) / k, 5),
+              "min_s": round(min(times[n, m, k]), 4), "max_s": round(max(times[n, m, k]), 4),
+              "warmup_s_with_compile": round(compile_s[n, m, k], 2)})
     for m in loops:
         if "pgd" in names and "apgd-ce" in names:
-            print(json.dumps({"bench": "apgd_ce_over_pgd", "loop": m, **config, "steps": s, "machine": info,
-                              "ratio_of_medians": round(med["apgd-ce", m, s] / med["pgd", m, s], 3)}), flush=True)
+            emit({"bench": "apgd_ce_over_pgd", "loop": m, **config, "steps": s, "machine": info,
+                  "ratio_of_medians": round(med["apgd-ce", m, s] / med["pgd", m, s], 3)})
     if "fori" in loops and "host" in loops:
         for n in names:
-            print(json.dumps({"bench": "fori_over_host", "attack": n, **config, "steps": s, "machine": info,
-                              "ratio_of_medians": round(med[n, "fori", s] / med[n, "host", s], 3)}), flush=True)
+            emit({"bench": "fori_over_host", "attack": n, **config, "steps": s, "machine": info,
+                  "ratio_of_medians": round(med[n, "fori", s] / med[n, "host", s], 3)})
     if args.budget:
-        targets = min(9, num_classes - 1)
         for m in loops:
-            per_image = {}
-            for n in names:
-                runs = targets if n in TARGETED else 1
-                step = max(med[n, m, 2 * s] - med[n, m, s], 0.0) / s            # marginal cost of a step
-                first = max(med[n, m, s] - s * step, 0.0)                       # set-up: clean pass, first query
-                per_image[n] = (first + step * BUDGET_STEPS[n]) * runs / args.batch_size
-                print(json.dumps({"bench": "attack_full_budget", "attack": n, "loop": m, **config, "machine": info,
-                                  "runs": runs, "steps_per_run": BUDGET_STEPS[n], "s_per_step": round(step, 5),
-                                  "s_setup": round(first, 4), "s_per_image": round(per_image[n], 4),
-                                  "extrapolated_from_steps": [s, 2 * s]}), flush=True)
-            if "pgd" in names:
-                print(json.dumps({"bench": "over_pgd100", "loop": m, **config, "machine": info,
-                                  **{n: round(per_image[n] / per_image["pgd"], 2) for n in names}}), flush=True)
-            if all(n in names for n in ENSEMBLE):
-                total = sum(per_image[n] for n in ENSEMBLE)
-                print(json.dumps({"bench": "ensemble_full_budget", "loop": m, **config, "machine": info,
-                                  "members": list(ENSEMBLE), "every_image_survives_to_square": True,
-                                  "s_per_image": round(total, 4),
-                                  "share": {n: round(per_image[n] / total, 3) for n in ENSEMBLE},
-                                  "over_pgd100": round(total / per_image["pgd"], 1) if "pgd" in names else None,
-                                  "extrapolated_from_steps": [s, 2 * s]}), flush=True)
+            report_budget(args, med, m, common)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import resource
 import statistics
@@ -150,7 +151,7 @@ def matmul_gflops():
     return 2 * 2048 ** 3 / statistics.median(ts) / 1e9
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--engine_n", default="32,100,500", help="comma-separated kernel sizes for the engine")
@@ -173,42 +174,32 @@ def main(argv=None):
     if args.memory_gb is None:
         import ntk
         args.memory_gb = ntk.DEFAULT_MEMORY_GB
-    if args.side:
-        return child(args)
+    return args
 
-    import tempfile
 
-    import numpy as np
-    engine_n = [int(v) for v in args.engine_n.split(",") if v]
-    baseline_n = [int(v) for v in args.baseline_n.split(",") if v]
-    common = sorted(set(engine_n) & set(baseline_n))
-    tmp = tempfile.mkdtemp(prefix="bench_ntk_")
-    results = {}
+def spawn(args, side, n, repeats, save_kernel=None):
+    """One configuration in a fresh process (so each has its own peak RSS); prints and returns its
+    JSON line."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--n", str(n),
+           "--repeats", str(repeats), "--memory_gb", str(args.memory_gb),
+           "--class_index", str(args.class_index), "--width", str(args.width), "--model", args.model]
+    if save_kernel:
+        cmd += ["--save_kernel", save_kernel]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"bench_ntk: the {side} n={n} child failed (exit {proc.returncode})")
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(line), flush=True)
+    return line
 
-    def spawn(side, n, repeats):
-        cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--n", str(n),
-               "--repeats", str(repeats), "--memory_gb", str(args.memory_gb),
-               "--class_index", str(args.class_index), "--width", str(args.width), "--model", args.model]
-        if args.check and common and n == common[0]:
-            cmd += ["--save_kernel", os.path.join(tmp, f"{side}.npy")]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode:
-            sys.stderr.write(proc.stderr[-4000:])
-            raise SystemExit(f"bench_ntk: the {side} n={n} child failed (exit {proc.returncode})")
-        out = proc.stdout
-        line = json.loads(out.strip().splitlines()[-1])
-        print(json.dumps(line), flush=True)
-        results[(side, n)] = line
 
-    for n in engine_n:
-        spawn("engine", n, args.repeats)
-    for n in baseline_n:
-        spawn("baseline", n, args.baseline_repeats)
-
+def summarize(args, results, n_max, baseline_n):
+    """The engine at the largest n against its floor (n example gradients + the full-Jacobian
+    Gram at the measured matmul peak) and against the baseline extrapolated to n."""
     import ntk
     f, _, params, _ = _setup(args.width, args.class_index, args.model)
     gflops = matmul_gflops()
-    n_max = max(engine_n)
     floor_flop = ntk.flops_floor(params, n_max)
     summary = {"bench": "ntk_summary", "n": n_max, "matmul_gflops_measured": round(gflops, 1),
                "gram_tflop_full_jacobian_upper": round(floor_flop / 1e12, 2),
@@ -232,10 +223,35 @@ def main(argv=None):
                        baseline_extrapolation="fastest measured seconds/block x blocks at n")
         if engine:
             summary["speedup_vs_extrapolated_baseline"] = round(per_block * n_blocks(n_max) / engine["seconds_median"], 1)
-    if args.check and common:
-        ke, kb = (np.load(os.path.join(tmp, f"{s}.npy")) for s in ("engine", "baseline"))
-        summary["check_n"] = common[0]
-        summary["check_max_rel_diff"] = float(np.abs(ke - kb).max() / np.abs(kb).max())
+    return summary
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.side:
+        return child(args)
+
+    import tempfile
+
+    import numpy as np
+    engine_n = [int(v) for v in args.engine_n.split(",") if v]
+    baseline_n = [int(v) for v in args.baseline_n.split(",") if v]
+    common = sorted(set(engine_n) & set(baseline_n))
+    tmp = tempfile.mkdtemp(prefix="bench_ntk_")
+    try:
+        results = {}
+        for side, sizes, repeats in (("engine", engine_n, args.repeats),
+                                     ("baseline", baseline_n, args.baseline_repeats)):
+            for n in sizes:
+                keep = os.path.join(tmp, f"{side}.npy") if args.check and common and n == common[0] else None
+                results[(side, n)] = spawn(args, side, n, repeats, keep)
+        summary = summarize(args, results, max(engine_n), baseline_n)
+        if args.check and common:
+            ke, kb = (np.load(os.path.join(tmp, f"{s}.npy")) for s in ("engine", "baseline"))
+            summary["check_n"] = common[0]
+            summary["check_max_rel_diff"] = float(np.abs(ke - kb).max() / np.abs(kb).max())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(summary), flush=True)
 
 

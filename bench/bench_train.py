@@ -8,8 +8,8 @@ Prints one JSON line per measurement:
   pgd20           attacks.pgd, L-inf eps 4/255, 20 steps, step 2*eps/20 (the training attack), img/s;
   data_feeding    N standard steps fed by data.batches + host->device transfer, against the same
                   N steps on a batch already on the device: the relative overhead.
-Each figure is the median of `--repeats` timed runs after one warm-up run; both sides of each
-ratio come from this run. The reference figures are the ones issue 3 gives for this machine kind.
+Each figure is the median of `--repeats` timed runs after one warm-up run. For a comparison with
+the reference code, run both on one machine: bench/bench_vs_reference.py.
 
   PYTHONPATH=. python bench/bench_train.py --data_dir /work/shared/data
 """
@@ -23,12 +23,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-REFERENCE_IMG_PER_S = {"train_standard": 23.9, "train_linear": 18.5, "pgd20": 2.5}
-# Those figures are not from this run: issue 3 measured the reference's steps on an earlier
-# machine of this kind, whose fp32 matmul peak was about 87 GFLOP/s. Compare fractions of the
-# matmul peak (measured in this run) across CPUs, not img/s.
-REFERENCE_NOTE = "issue 3's figure, measured on an earlier machine of this kind (fp32 matmul peak ~87 GFLOP/s), not in this run"
+from timing import time_calls  # noqa: E402
+
 # XLA's defaults, which is what the scripts run with. `--xla_flags --xla_cpu_use_xnnpack=true`
 # tries XNNPACK for dots/convs (fp32): faster on a 2-core AMD EPYC, no different (within 2%) on
 # a 2-core Intel Xeon.
@@ -83,13 +81,7 @@ def timed(fn, repeats):
     t = time.perf_counter()
     fn()
     warm = time.perf_counter() - t
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return walls, cpus, warm
+    return (*time_calls(fn, repeats), warm)
 
 
 def _flops(compiled):
@@ -98,141 +90,178 @@ def _flops(compiled):
     return float(ca.get("flops", 0.0)) if ca else 0.0
 
 
-def run(args):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
+class Emitter:
+    """Prints one JSON line per measurement, with the machine and the load average."""
 
-    import attacks
-    import data
-    import models
-    import train
+    def __init__(self):
+        self.base = {"machine": machine_info(), "loadavg_1min_at_start": os.getloadavg()[0]}
 
-    info = machine_info()
-    base = {"machine": info, "loadavg_1min_at_start": os.getloadavg()[0]}
-
-    def emit(name, config, walls, cpus, warm, **extra):
-        rec = dict(base, measurement=name, config=config, repeats=len(walls),
+    def __call__(self, name, config, walls, cpus, warm, **extra):
+        rec = dict(self.base, measurement=name, config=config, repeats=len(walls),
                    median_s=_median(walls), min_s=min(walls), all_s=[round(w, 3) for w in walls],
                    median_process_cpu_s=_median(cpus), warmup_s=round(warm, 2), **extra)
         print(json.dumps(rec), flush=True)
         return rec
 
-    only = set(args.only.split(","))
-    B = args.batch_size
+
+def load_images(args):
+    """(x [N,32,32,3] float32, y [N] int32, source name): CIFAR-10 from --data_dir, else random."""
+    import numpy as np
+
+    import data
     if args.data_dir:
         ds = data.load_dataset("cifar10", args.data_dir)
-        x_np, y_np = ds.x_train, ds.y_train.astype(np.int32)
-    else:
-        rng_np = np.random.default_rng(0)
-        x_np = rng_np.random((5 * B, 32, 32, 3), dtype=np.float32)
-        y_np = rng_np.integers(0, 10, 5 * B).astype(np.int32)
-    source = "cifar10:" + str(args.data_dir) if args.data_dir else "random"
+        return ds.x_train, ds.y_train.astype(np.int32), "cifar10:" + str(args.data_dir)
+    rng = np.random.default_rng(0)
+    n = 5 * args.batch_size
+    return rng.random((n, 32, 32, 3), dtype=np.float32), rng.integers(0, 10, n).astype(np.int32), "random"
 
-    peak = None
-    if "matmul_peak" in only:
-        n = args.matmul_n
-        a = jnp.asarray(np.random.default_rng(1).random((n, n), dtype=np.float32))
-        b = jnp.asarray(np.random.default_rng(2).random((n, n), dtype=np.float32))
-        mm = jax.jit(jnp.dot)
-        walls, cpus, warm = timed(lambda: mm(a, b).block_until_ready(), args.repeats)
-        peak = 2 * n ** 3 / _median(walls) / 1e9
-        emit("matmul_peak", {"n": n, "dtype": "float32"}, walls, cpus, warm, gflops_per_s=peak)
 
-    init, apply = models.get_model(args.model, 10, args.width)
-    key = jax.random.PRNGKey(0)
-    x = jax.device_put(jnp.asarray(x_np[:B]))
-    y = jax.device_put(jnp.asarray(y_np[:B]))
-    params, net_state = init(key, x, True)
-    # The logits layer is zero at init; perturb it so gradients flow as in real training.
-    params = dict(params)
-    if "res_net18/~/logits" in params:
-        params["res_net18/~/logits"] = jax.tree_util.tree_map(
-            lambda w: w + 0.01 * jax.random.normal(key, w.shape, w.dtype), params["res_net18/~/logits"])
-    opt = train.make_optimizer(0.1)
+def measure_matmul_peak(args, emit):
+    """fp32 GFLOP/s of a jitted [n,n]x[n,n] jnp.dot."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    n = args.matmul_n
+    a = jnp.asarray(np.random.default_rng(1).random((n, n), dtype=np.float32))
+    b = jnp.asarray(np.random.default_rng(2).random((n, n), dtype=np.float32))
+    mm = jax.jit(jnp.dot)
+    walls, cpus, warm = timed(lambda: mm(a, b).block_until_ready(), args.repeats)
+    peak = 2 * n ** 3 / _median(walls) / 1e9
+    emit("matmul_peak", {"n": n, "dtype": "float32"}, walls, cpus, warm, gflops_per_s=peak)
+    return peak
 
-    def fresh_state():
-        return train.TrainState(params, net_state, opt.init(params), jnp.zeros((), jnp.int32))
 
-    cfg = {"model": args.model, "width": args.width, "num_classes": 10, "batch_size": B,
-           "input_shape": [32, 32, 3], "data": source}
+class Bench:
+    """The network, its initial train state and one batch on the device."""
 
-    for name, dynamics, is_training in (("train_standard", "standard", True),
-                                        ("train_linear", "linear", False)):
-        if name not in only and not (name == "train_standard" and "data_feeding" in only):
-            continue
-        step = train.make_train_step(apply, dynamics, is_training, opt)
-        holder = [fresh_state()]
-        flops = _flops(step.lower(holder[0], params, x, y).compile())
+    def __init__(self, args, x_np, y_np, source):
+        import jax
+        import jax.numpy as jnp
 
-        def one():
-            holder[0], metrics = step(holder[0], params, x, y)
-            jax.block_until_ready((holder[0], metrics))
+        import models
+        import train
+        init, self.apply = models.get_model(args.model, 10, args.width)
+        self.key = jax.random.PRNGKey(0)
+        b = args.batch_size
+        self.x, self.y = jax.device_put(jnp.asarray(x_np[:b])), jax.device_put(jnp.asarray(y_np[:b]))
+        params, self.net_state = init(self.key, self.x, True)
+        # The logits layer is zero at init; perturb it so gradients flow as in real training.
+        params = dict(params)
+        if "res_net18/~/logits" in params:
+            params["res_net18/~/logits"] = jax.tree_util.tree_map(
+                lambda w: w + 0.01 * jax.random.normal(self.key, w.shape, w.dtype), params["res_net18/~/logits"])
+        self.params = params
+        self.opt = train.make_optimizer(0.1)
+        self.cfg = {"model": args.model, "width": args.width, "num_classes": 10, "batch_size": b,
+                    "input_shape": [32, 32, 3], "data": source}
 
-        walls, cpus, warm = timed(one, args.repeats)
-        ips = B / _median(walls)
-        gflops = flops / _median(walls) / 1e9
-        extra = {"img_per_s": ips, "reference_img_per_s": REFERENCE_IMG_PER_S[name],
-                 "ratio_vs_reference": ips / REFERENCE_IMG_PER_S[name], "reference_note": REFERENCE_NOTE,
-                 "step_gflop_xla_cost_analysis": flops / 1e9, "achieved_gflops_per_s": gflops}
-        if peak:
-            extra["fraction_of_matmul_peak"] = gflops / peak
-        emit(name, dict(cfg, dynamics=dynamics, bn_training=is_training), walls, cpus, warm, **extra)
-        if name == "train_standard":
-            std_step = step
+    def fresh_state(self):
+        import jax.numpy as jnp
 
+        import train
+        return train.TrainState(self.params, self.net_state, self.opt.init(self.params), jnp.zeros((), jnp.int32))
+
+    def train_step(self, dynamics, is_training):
+        import train
+        return train.make_train_step(self.apply, dynamics, is_training, self.opt)
+
+
+def measure_train(args, emit, bench, name, dynamics, is_training, peak):
+    """Steps per second of one train step on the device-resident batch, and its FLOPs' share of
+    the matmul peak (FLOPs from XLA's cost analysis of the compiled step)."""
+    import jax
+    step = bench.train_step(dynamics, is_training)
+    holder = [bench.fresh_state()]
+    flops = _flops(step.lower(holder[0], bench.params, bench.x, bench.y).compile())
+
+    def one():
+        holder[0], metrics = step(holder[0], bench.params, bench.x, bench.y)
+        jax.block_until_ready((holder[0], metrics))
+
+    walls, cpus, warm = timed(one, args.repeats)
+    gflops = flops / _median(walls) / 1e9
+    extra = {"img_per_s": args.batch_size / _median(walls), "step_gflop_xla_cost_analysis": flops / 1e9,
+             "achieved_gflops_per_s": gflops}
+    if peak:
+        extra["fraction_of_matmul_peak"] = gflops / peak
+    emit(name, dict(bench.cfg, dynamics=dynamics, bn_training=is_training), walls, cpus, warm, **extra)
+
+
+def measure_pgd(args, emit, bench, x_np, y_np):
+    """attacks.pgd, L-inf eps 4/255, 20 steps of 2*eps/20 (the training attack)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import attacks
+    p = args.pgd_batch_size
+    xp = jnp.asarray(np.resize(x_np, (p,) + x_np.shape[1:]))
+    yp = jnp.asarray(np.resize(y_np, (p,)))
+    predict = attacks.make_predict(bench.apply, "standard")
+    variables = (bench.params, bench.params, bench.net_state)
+    eps = 4 / 255
+    walls, cpus, warm = timed(lambda: attacks.pgd(predict, variables, xp, yp, bench.key, eps, 2 * eps / 20,
+                                                  steps=20, norm="linf").block_until_ready(), args.repeats)
+    emit("pgd20", dict(bench.cfg, batch_size=p, norm="linf", eps=eps, steps=20, step_size=2 * eps / 20,
+                       bn_training=False, loop=attacks.loop_mode()), walls, cpus, warm,
+         img_per_s=p / _median(walls))
+
+
+def measure_feeding(args, emit, bench, x_np, y_np):
+    """N phase-1 steps fed by data.batches + host->device transfer against the same N steps on a
+    batch already on the device, interleaved so slow periods of a shared machine hit both."""
+    import jax
+
+    import data
+    b = args.batch_size
+    n_feed = min(len(x_np), args.feed_steps * b) // b * b
+    xs, ys = x_np[:n_feed], y_np[:n_feed]
+    step = bench.train_step("standard", True)
+    holder = [bench.fresh_state()]
+
+    def placed_loop():
+        for _ in range(n_feed // b):
+            holder[0], _ = step(holder[0], bench.params, bench.x, bench.y)
+        jax.block_until_ready(holder[0])
+
+    def fed_loop():
+        feed = 0.0
+        it = data.batches(xs, ys, b, seed=0)
+        for _ in range(n_feed // b):
+            t = time.perf_counter()
+            xb, yb = next(it)
+            xb, yb = jax.device_put(xb), jax.device_put(yb)
+            feed += time.perf_counter() - t
+            holder[0], _ = step(holder[0], bench.params, xb, yb)
+        jax.block_until_ready(holder[0])
+        return feed
+
+    placed_loop()  # warm-up (compile)
+    walls_p, walls_f, feeds = [], [], []
+    for _ in range(2):
+        t = time.perf_counter(); placed_loop(); walls_p.append(time.perf_counter() - t)
+        t = time.perf_counter(); feeds.append(fed_loop()); walls_f.append(time.perf_counter() - t)
+    placed, fed = min(walls_p), min(walls_f)
+    rec = dict(emit.base, measurement="data_feeding", config=dict(bench.cfg, steps_per_loop=n_feed // b, loops=2),
+               placed_loop_s=[round(v, 3) for v in walls_p], fed_loop_s=[round(v, 3) for v in walls_f],
+               host_feed_s=[round(v, 4) for v in feeds], overhead_fraction_best_loops=(fed - placed) / placed,
+               host_feed_fraction=_median(feeds) / placed, goal="< 0.05")
+    print(json.dumps(rec), flush=True)
+
+
+def run(args):
+    only = set(args.only.split(","))
+    emit = Emitter()
+    x_np, y_np, source = load_images(args)
+    peak = measure_matmul_peak(args, emit) if "matmul_peak" in only else None
+    bench = Bench(args, x_np, y_np, source)
+    for name, dynamics, is_training in (("train_standard", "standard", True), ("train_linear", "linear", False)):
+        if name in only:
+            measure_train(args, emit, bench, name, dynamics, is_training, peak)
     if "pgd20" in only:
-        P = args.pgd_batch_size
-        xp = jnp.asarray(np.resize(x_np, (P,) + x_np.shape[1:]))
-        yp = jnp.asarray(np.resize(y_np, (P,)))
-        predict = attacks.make_predict(apply, "standard")
-        variables = (params, params, net_state)
-        eps = 4 / 255
-        walls, cpus, warm = timed(lambda: attacks.pgd(predict, variables, xp, yp, key, eps, 2 * eps / 20,
-                                                      steps=20, norm="linf").block_until_ready(),
-                                  args.repeats)
-        ips = P / _median(walls)
-        emit("pgd20", dict(cfg, batch_size=P, norm="linf", eps=eps, steps=20, step_size=2 * eps / 20,
-                           bn_training=False, loop=attacks.loop_mode()), walls, cpus, warm,
-             img_per_s=ips, reference_img_per_s=REFERENCE_IMG_PER_S["pgd20"],
-             ratio_vs_reference=ips / REFERENCE_IMG_PER_S["pgd20"], reference_note=REFERENCE_NOTE)
-
+        measure_pgd(args, emit, bench, x_np, y_np)
     if "data_feeding" in only:
-        N = args.feed_steps
-        n_feed = min(len(x_np), N * B) // B * B
-        xs, ys = x_np[:n_feed], y_np[:n_feed]
-        holder = [fresh_state()]
-
-        def placed_loop():
-            for _ in range(n_feed // B):
-                holder[0], m = std_step(holder[0], params, x, y)
-            jax.block_until_ready(holder[0])
-
-        feed_s = [0.0]
-
-        def fed_loop():
-            feed_s[0] = 0.0
-            it = data.batches(xs, ys, B, seed=0)
-            for _ in range(n_feed // B):
-                t = time.perf_counter()
-                xb, yb = next(it)
-                xb, yb = jax.device_put(xb), jax.device_put(yb)
-                feed_s[0] += time.perf_counter() - t
-                holder[0], m = std_step(holder[0], params, xb, yb)
-            jax.block_until_ready(holder[0])
-
-        walls_p, walls_f, feeds = [], [], []
-        for _ in range(2):  # interleaved, so slow periods on a shared machine hit both sides
-            t = time.perf_counter(); placed_loop(); walls_p.append(time.perf_counter() - t)
-            t = time.perf_counter(); fed_loop(); walls_f.append(time.perf_counter() - t)
-            feeds.append(feed_s[0])
-        placed, fed = min(walls_p), min(walls_f)
-        rec = dict(base, measurement="data_feeding", config=dict(cfg, steps_per_loop=n_feed // B, loops=2),
-                   placed_loop_s=[round(v, 3) for v in walls_p], fed_loop_s=[round(v, 3) for v in walls_f],
-                   host_feed_s=[round(v, 4) for v in feeds],
-                   overhead_fraction_best_loops=(fed - placed) / placed,
-                   host_feed_fraction=_median(feeds) / placed, goal="< 0.05")
-        print(json.dumps(rec), flush=True)
+        measure_feeding(args, emit, bench, x_np, y_np)
 
 
 def main(argv=None):

@@ -67,7 +67,7 @@ def two_pass_ascend(f, class_index):
     return ascend
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--steps", type=int, default=20, help="loop steps per timed run (600 = no extrapolation)")
@@ -79,9 +79,19 @@ def main(argv=None):
                    help="loops to time (comma-separated); the script's default on this backend "
                         "(one_vjp/host on CPU, one_vjp/fori elsewhere) gives the eigen_image line and the "
                         "others are compared with it")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def _seconds(fn):
     import jax
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
+def time_loops(args):
+    """Warm-up, then `--repeats` interleaved rounds of the direction v and each loop variant.
+    Returns (config, warm-up seconds, seconds lists), keyed by measurement name."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -106,26 +116,28 @@ def main(argv=None):
     loops = {"one_vjp/host": lambda v: tools.ascend(params, v, x0, 1.0, 1e-3, steps=args.steps),
              "one_vjp/fori": lambda v: tools_fori.ascend(params, v, x0, 1.0, 1e-3, steps=args.steps),
              "jvp_plus_vjp/host": lambda v: two_pass(params, v, x0, 1.0, 1e-3, steps=args.steps)}
-    variants = args.variants.split(",")
     config = {"model": "resnet18", "width": args.width, "image": list(shape), "n": args.n,
               "num_params": models.count_params(params), "steps_timed": args.steps, "repeats": args.repeats}
-    base = {"machine": machine(), "config": config}
-
-    def timed(fn):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        return time.perf_counter() - t
-
-    compile_s = {"direction": timed(lambda: tools.direction(params, x_kernel, u))}
+    variants = args.variants.split(",")
+    compile_s = {"direction": _seconds(lambda: tools.direction(params, x_kernel, u))}
     v = tools.direction(params, x_kernel, u)
     for name in variants:
-        compile_s[name] = timed(lambda: loops[name](v))  # warm-up (includes compilation)
+        compile_s[name] = _seconds(lambda: loops[name](v))  # warm-up (includes compilation)
     times = {name: [] for name in ["direction"] + variants}
     for _ in range(args.repeats):  # interleaved, so background load hits every variant alike
-        times["direction"].append(timed(lambda: tools.direction(params, x_kernel, u)))
+        times["direction"].append(_seconds(lambda: tools.direction(params, x_kernel, u)))
         for name in variants:
-            times[name].append(timed(lambda: loops[name](v)))
+            times[name].append(_seconds(lambda: loops[name](v)))
+    return config, compile_s, times
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    import visualize_ntk_features as viz
+
+    config, compile_s, times = time_loops(args)
+    variants = args.variants.split(",")
+    base = {"machine": machine(), "config": config}
     med = {name: statistics.median(ts) for name, ts in times.items()}
     print(json.dumps({**base, "measurement": "direction", "median_s": med["direction"],
                       "runs_s": times["direction"], "warmup_with_compile_s": compile_s["direction"]}))

@@ -46,6 +46,9 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from timing import time_calls  # noqa: E402  (standard library only: safe under the reference's Python)
+
 PATHS = ("train_standard", "train_linear", "pgd20", "ntk")
 EPS = 4 / 255
 PGD_STEPS = 20
@@ -134,16 +137,6 @@ def _load_inputs(path):
             tag, mod, name = key.split("|")
             trees[tag].setdefault(mod, {})[name] = z[key]
     return trees["params"], trees["state"], z["x"], z["y"], z["x_ntk"]
-
-
-def _time_calls(fn, repeats):
-    walls, cpus = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        walls.append(time.perf_counter() - t)
-        cpus.append(time.process_time() - c)
-    return walls, cpus
 
 
 # --------------------------------------------------------------------------------------
@@ -242,7 +235,7 @@ def worker(args):
             warm()
             res = {"warmup_s": time.perf_counter() - t}
         else:
-            walls, cpus = _time_calls(call, req["repeats"])
+            walls, cpus = time_calls(call, req["repeats"])
             res = {"walls": walls, "cpus": cpus}
         answer.write(json.dumps(res) + "\n")
         answer.flush()
@@ -343,18 +336,88 @@ def parse_args(argv=None):
     return args
 
 
+def make_inputs(args, ntk_ns):
+    """The shared inputs: a random full-width ResNet-18 (logits layer non-zero, so gradients
+    reach every layer in both codes), a batch of random CIFAR-shaped images and labels, and the
+    kernel's images. Returns (params, net_state, x, y, x_ntk), numpy images."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import models
+    from common import random_variables
+    b = args.batch_size
+    rng = np.random.default_rng(args.seed)
+    x_np = rng.random((b, 32, 32, 3), dtype=np.float32)
+    y_np = rng.integers(0, 10, b).astype(np.int32)
+    x_ntk = rng.random((max(ntk_ns, default=BLOCK), 32, 32, 3), dtype=np.float32)
+    init, _ = models.get_model("resnet18", 10, 64)
+    params0, net_state0 = random_variables(init, (b, 32, 32, 3), seed=args.seed)
+    params0 = dict(params0)
+    params0["res_net18/~/logits"] = {k: jnp.asarray(0.01 * rng.standard_normal(v.shape), v.dtype)
+                                     for k, v in params0["res_net18/~/logits"].items()}
+    return params0, net_state0, x_np, y_np, x_ntk
+
+
+def interleaved_rounds(args, keys, ref, ours):
+    """`--rounds` rounds; in each, every path is timed on both sides, the side that goes first
+    alternating. Returns, per path, the wall and CPU seconds of each side, load and order."""
+    rec = {k: {"reference": [], "ours": [], "ref_cpu": [], "our_cpu": [], "load": [], "order": []} for k in keys}
+    for r in range(args.rounds):
+        for k in keys:
+            reps = args.repeats if k.startswith("train") else 1
+            order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
+            loads = {}
+            for side in order:
+                loads[side] = round(os.getloadavg()[0], 2)
+                if side == "reference":
+                    res = ref.ask(op="time", path=k, repeats=reps)
+                    walls, cpus = res["walls"], res["cpus"]
+                else:
+                    walls, cpus = time_calls(ours[k][1], reps)
+                rec[k][side].append(walls)
+                rec[k]["ref_cpu" if side == "reference" else "our_cpu"].extend(cpus)
+            rec[k]["load"].append([loads["reference"], loads["ours"]])
+            rec[k]["order"].append("reference first" if order[0] == "reference" else "ours first")
+    return rec
+
+
+def result_line(args, k, d, warm, ref_versions, mach):
+    """The JSON line of one path: both medians, their ratio, per-round figures and loads."""
+    import jax
+    ref_all = [w for ws in d["reference"] for w in ws]
+    our_all = [w for ws in d["ours"] for w in ws]
+    ref_round = [statistics.median(ws) for ws in d["reference"]]
+    our_round = [statistics.median(ws) for ws in d["ours"]]
+    config = {"model": "resnet18", "width": 64, "batch_size": args.batch_size, "data": "random", "seed": args.seed,
+              "rounds": args.rounds, "calls_per_round": len(d["ours"][0])}
+    if k.startswith("ntk"):
+        config.update(n=int(k[3:]), class_index=0)
+    if k == "pgd20":
+        config.update(eps=EPS, steps=PGD_STEPS, step_size=2 * EPS / PGD_STEPS)
+    return {
+        "bench": "vs_reference", "path": k, "config": config,
+        "reference_s": round(statistics.median(ref_all), 3), "ours_s": round(statistics.median(our_all), 3),
+        "speedup": round(statistics.median(ref_all) / statistics.median(our_all), 3),
+        "speedup_per_round": [round(a / b, 3) for a, b in zip(ref_round, our_round)],
+        "reference_s_per_round": [round(v, 3) for v in ref_round],
+        "ours_s_per_round": [round(v, 3) for v in our_round],
+        "reference_cpu_s_median": round(statistics.median(d["ref_cpu"]), 2),
+        "ours_cpu_s_median": round(statistics.median(d["our_cpu"]), 2),
+        "loadavg_1min_per_round_ref_ours": d["load"], "order_per_round": d["order"],
+        "warmup_s": {s: round(v, 1) for s, v in warm.items()},
+        "reference_stack": ref_versions, "ours_stack": {"jax": jax.__version__},
+        "machine": mach,
+    }
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
         return worker(args)
     sys.path.insert(0, os.path.dirname(HERE))
-    sys.path.insert(0, HERE)
-    import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    import models
-    from common import machine, random_variables
+    from common import machine
     paths = [p for p in args.paths.split(",") if p]
     unknown = set(paths) - set(PATHS)
     if unknown:
@@ -362,18 +425,7 @@ def main(argv=None):
     ntk_ns = [int(n) for n in args.ntk_n.split(",") if n] if "ntk" in paths else []
     if any(n % BLOCK for n in ntk_ns):
         raise SystemExit(f"error: --ntk_n sizes must be multiples of {BLOCK}")
-    B = args.batch_size
-    rng = np.random.default_rng(args.seed)
-    x_np = rng.random((B, 32, 32, 3), dtype=np.float32)
-    y_np = rng.integers(0, 10, B).astype(np.int32)
-    x_ntk = rng.random((max(ntk_ns, default=BLOCK), 32, 32, 3), dtype=np.float32)
-    init, _ = models.get_model("resnet18", 10, 64)
-    params0, net_state0 = random_variables(init, (B, 32, 32, 3), seed=args.seed)
-    # The logits layer starts at zero in both codes; random weights let gradients reach every layer.
-    params0 = dict(params0)
-    params0["res_net18/~/logits"] = {k: jnp.asarray(0.01 * rng.standard_normal(v.shape), v.dtype)
-                                     for k, v in params0["res_net18/~/logits"].items()}
-
+    params0, net_state0, x_np, y_np, x_ntk = make_inputs(args, ntk_ns)
     tmp = tempfile.mkdtemp(prefix="bench_vs_reference_")
     try:
         inputs = os.path.join(tmp, "inputs.npz")
@@ -392,51 +444,11 @@ def main(argv=None):
             t = time.perf_counter()
             ours[k][0]()
             warm[k]["ours"] = time.perf_counter() - t
-        rec = {k: {"reference": [], "ours": [], "ref_cpu": [], "our_cpu": [], "load": [], "order": []} for k in keys}
-        for r in range(args.rounds):
-            for k in keys:
-                reps = args.repeats if k.startswith("train") else 1
-                order = ("reference", "ours") if r % 2 == 0 else ("ours", "reference")
-                loads = {}
-                for side in order:
-                    loads[side] = round(os.getloadavg()[0], 2)
-                    if side == "reference":
-                        res = ref.ask(op="time", path=k, repeats=reps)
-                        walls, cpus = res["walls"], res["cpus"]
-                    else:
-                        walls, cpus = _time_calls(ours[k][1], reps)
-                    rec[k][side].append(walls)
-                    rec[k]["ref_cpu" if side == "reference" else "our_cpu"].extend(cpus)
-                rec[k]["load"].append([loads["reference"], loads["ours"]])
-                rec[k]["order"].append("reference first" if order[0] == "reference" else "ours first")
+        rec = interleaved_rounds(args, keys, ref, ours)
         ref.close()
         mach = machine()
         for k in keys:
-            d = rec[k]
-            ref_all = [w for ws in d["reference"] for w in ws]
-            our_all = [w for ws in d["ours"] for w in ws]
-            ref_round = [statistics.median(ws) for ws in d["reference"]]
-            our_round = [statistics.median(ws) for ws in d["ours"]]
-            line = {
-                "bench": "vs_reference", "path": k,
-                "config": {"model": "resnet18", "width": 64, "batch_size": B, "data": "random", "seed": args.seed,
-                           "rounds": args.rounds, "calls_per_round": len(d["ours"][0])}
-                          | ({"n": int(k[3:]), "class_index": 0} if k.startswith("ntk") else {})
-                          | ({"eps": EPS, "steps": PGD_STEPS, "step_size": 2 * EPS / PGD_STEPS}
-                             if k == "pgd20" else {}),
-                "reference_s": round(statistics.median(ref_all), 3), "ours_s": round(statistics.median(our_all), 3),
-                "speedup": round(statistics.median(ref_all) / statistics.median(our_all), 3),
-                "speedup_per_round": [round(a / b, 3) for a, b in zip(ref_round, our_round)],
-                "reference_s_per_round": [round(v, 3) for v in ref_round],
-                "ours_s_per_round": [round(v, 3) for v in our_round],
-                "reference_cpu_s_median": round(statistics.median(d["ref_cpu"]), 2),
-                "ours_cpu_s_median": round(statistics.median(d["our_cpu"]), 2),
-                "loadavg_1min_per_round_ref_ours": d["load"], "order_per_round": d["order"],
-                "warmup_s": {s: round(v, 1) for s, v in warm[k].items()},
-                "reference_stack": ref.versions, "ours_stack": {"jax": jax.__version__},
-                "machine": mach,
-            }
-            print(json.dumps(line), flush=True)
+            print(json.dumps(result_line(args, k, rec[k], warm[k], ref.versions, mach)), flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
