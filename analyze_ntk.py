@@ -17,7 +17,7 @@ Three subcommands (the math lives in kernel_analysis.py, the kernels come from n
              test images) and robustness (accuracy under an L-inf PGD attack on the feature
              itself, and accuracy of the full predictor on those feature-attacked images).
   attack     Training-free adversarial examples: FGSM or PGD on the input gradient of the
-             kernel predictor (K(x,X) is differentiated in x through ntk.ntk_cross). Saves
+             kernel predictor (K(x,X) is differentiated in x through ntk.cross_kernel). Saves
              them in eval_and_make_adv.py's --test_path format and measures the transfer to
              the checkpoint's network.
 
@@ -568,7 +568,8 @@ class PredictorSetup:
     Attributes: net, f, params, x_train [n,H,W,C], y_train [n] (task labels 0..C'-1),
     train_indices, x_test [m,H,W,C], y_test [m] (task labels), test_indices, classes (original
     label of each task class), k_train_train [n,n], k_test_train [m,n], predictor (EigenPredictor),
-    ridge (absolute), logits_fn (jit-stable kernel_fn(x) @ weights)."""
+    ridge (absolute), kernel_vars (ntk.cross_kernel's: parameters, BatchNorm state, X's gradient
+    rows), logits_fn ((kernel_vars, weights), x) -> K(x,X) @ weights, jit-stable), kernel_at(x)."""
 
     def __init__(self, args):
         """Check every input and draw the image subsets (no kernel yet: see `fit`)."""
@@ -601,6 +602,7 @@ class PredictorSetup:
 
     def fit(self, args):
         """The kernels K(X,X), K(x_test,X) and the fitted predictor (the work; inputs are checked)."""
+        import jax
         import jax.numpy as jnp
 
         import kernel_analysis as ka
@@ -609,11 +611,13 @@ class PredictorSetup:
         ci = _class_index(args)
         c = len(self.classes)
         x_ref = jnp.asarray(self.x_train)
-        self.kernel_at = lambda x: np.asarray(ntk.empirical_ntk(self.f, self.params, jnp.asarray(x), x_ref,
-                                                                class_index=ci, memory_gb=args.memory_gb), np.float64)
         t0 = time.time()
         self.k_train_train = np.asarray(ntk.empirical_ntk(self.f, self.params, x_ref, class_index=ci,
                                                           memory_gb=args.memory_gb), np.float64)  # [n, n]
+        # K(x, X) for test and attacked images: X's gradient rows are computed once and kept,
+        # and every attack step and kernel evaluation reuses them (ntk.cross_kernel).
+        kernel, self.kernel_vars = ntk.cross_kernel(self.f, self.params, x_ref, class_index=ci)
+        self._kernel_jit, self.batch_size = jax.jit(kernel), args.batch_size
         self.k_test_train = self.kernel_at(self.x_test)                                             # [m, n]
         self.kernel_seconds = time.time() - t0
         self.ridge = args.ridge * float(np.mean(np.diag(self.k_train_train)))
@@ -622,16 +626,28 @@ class PredictorSetup:
                                                      self.ridge)
         except ValueError as e:
             raise UserError(f"{e} (--ridge)") from None
-        f, params = self.f, self.params
-        self.logits_fn = ka.make_kernel_logits(
-            lambda x: ntk.ntk_cross(f, params, x, x_ref, class_index=ci).astype(jnp.float32))
+        self.logits_fn = ka.make_kernel_logits(kernel)
+
+    def kernel_at(self, x):
+        """K(x, X) [m, n] float64, in batches of --batch_size (the last one padded)."""
+        x = np.asarray(x, np.float32)
+        b = self.batch_size
+        out = []
+        for start in range(0, len(x), b):
+            xb = x[start:start + b]
+            pad = b - len(xb)
+            if pad:  # one compiled shape
+                xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
+            out.append(np.asarray(self._kernel_jit(self.kernel_vars, xb), np.float64)[:b - pad])
+        return np.concatenate(out)
 
     def accuracy(self, k_test_train, weights):
         return float(np.mean(np.argmax(k_test_train @ weights, -1) == self.y_test))
 
     def attack(self, args, weights, method, key):
         import kernel_analysis as ka
-        return ka.attack_kernel_predictor(self.logits_fn, weights, self.x_test, self.y_test, method=method,
+        return ka.attack_kernel_predictor(self.logits_fn, (self.kernel_vars, weights), self.x_test, self.y_test,
+                                          method=method,
                                           eps=cli.eps_from_255(args.eps), steps=1 if method == "fgsm" else args.steps,
                                           key=key, batch_size=args.batch_size)
 

@@ -198,12 +198,17 @@ def feature_usefulness(features, labels, num_classes):
 # --------------------------------------------------------------------------------------
 
 
-def make_kernel_logits(kernel_fn):
-    """`logits(weights, x) -> K(x, X) @ weights` [m, C] for a differentiable
-    `kernel_fn(x) -> K(x, X)` [m, n]; weights [n, C] is alpha (full predictor) or
-    u_i coefs_i^T (one eigen-feature). Build it once: attacks are jitted on its identity."""
-    def logits(weights, x):
-        return kernel_fn(x) @ weights
+@functools.lru_cache(maxsize=None)
+def make_kernel_logits(kernel):
+    """`logits((variables, weights), x) -> kernel(variables, x) @ weights` [m, C] for a
+    differentiable `kernel(variables, x) -> K(x, X)` [m, n] such as `ntk.cross_kernel`'s:
+    the kernel's arrays travel as arguments, so the attack's jitted step is compiled once for
+    every checkpoint of a network. weights [n, C] is alpha (full predictor) or u_i coefs_i^T
+    (one eigen-feature). Pass (variables, weights) as `attack_kernel_predictor`'s weights.
+    Memoized on `kernel`, so the same kernel gives the same logits function."""
+    def logits(variables_and_weights, x):
+        variables, weights = variables_and_weights
+        return kernel(variables, x) @ weights
     return logits
 
 
@@ -224,10 +229,14 @@ def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key
     """FGSM or L-inf PGD (attacks.pgd: Madry et al. 2018, random start, step 2 eps/steps) on
     the cross-entropy of a kernel predictor's outputs, in batches of `batch_size`.
 
+    `weights` is what `logits_fn` takes first: an [n, C] array, or a pytree such as
+    `make_kernel_logits`'s (variables, weights); float leaves become float32.
     Returns x_adv as a numpy array, x's shape, inside the eps-ball around x and [0, 1]."""
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
-    weights = jnp.asarray(weights, jnp.float32)
+    weights = jax.tree_util.tree_map(
+        lambda a: jnp.asarray(a, jnp.float32) if jnp.issubdtype(jnp.result_type(a), jnp.floating) else jnp.asarray(a),
+        weights)
     batch_size = len(x) if batch_size is None else batch_size
     out = []
     for b, start in enumerate(range(0, len(x), batch_size)):

@@ -10,6 +10,8 @@ standard-centered predictor used in phase 2.
 """
 from __future__ import annotations
 
+import functools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -100,12 +102,17 @@ def _mlp(hidden, num_classes):
     return net
 
 
+@functools.lru_cache(maxsize=None)
 def get_model(name, num_classes, width=64):
     """Return Haiku `(init, apply)` for `name`.
 
     `width` scales the ResNet's channels and the MLPs' hidden layers are fixed
     (256 for `mlp_skinny`, 2048 for `mlp_wide`); `linear` is a single affine layer
     (a linear classifier, used to test attacks against a closed form).
+
+    Memoized: the same arguments give the same (pure) functions, so every jitted function
+    that takes `apply` (or a closure keyed on it) traces once per network, not once per
+    checkpoint opened (`analyze_ntk.py dynamics` opens dozens).
     """
     if name == "resnet18":
         def net(x, is_training):

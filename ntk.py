@@ -496,15 +496,48 @@ def _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress):
 def ntk_cross(f, params, x, x_ref, class_index=None):
     """K(x, x_ref) [m, n] float32 as a traceable jax function, differentiable in x (for attacks
     on kernel predictors and eigen-features). Holds all m + n rows at once: meant for the
-    moderate sizes of those analyses; use `empirical_ntk` for large kernels."""
-    input_shape = tuple(x.shape[1:])
+    moderate sizes of those analyses; use `empirical_ntk` for large kernels. For many x against
+    one x_ref, `cross_kernel` computes x_ref's rows once."""
+    kernel, variables = cross_kernel(f, params, x_ref, class_index)
+    return kernel(variables, x)
+
+
+_CROSS_CACHE = {}
+
+
+def cross_kernel(f, params, x_ref, class_index=None):
+    """K(x, x_ref) for many x against one fixed x_ref: `(kernel, variables)` with
+    `kernel(variables, x) -> K(x, x_ref)` [m, n] float32, the value of `ntk_cross(f, params, x,
+    x_ref, class_index)`, traceable and differentiable in x.
+
+    `variables` holds the parameters, a NetFn's BatchNorm state and the gradient rows of
+    x_ref, computed here once: every call of `kernel` (each step of an attack) computes only the
+    rows of x. Nothing of the checkpoint is a constant of `kernel`, and `kernel` is the same
+    function object for every checkpoint of one network and class selection, so jitted code
+    taking it as a static argument traces once per network and compiles to the same executable
+    for every checkpoint (shared through the persistent compilation cache across processes)."""
+    input_shape = tuple(x_ref.shape[1:])
     num_classes = _num_classes(f, params, input_shape)
     classes = classes_of(class_index, num_classes)
     layers = discover_layers(f, params, input_shape, len(classes))
-    rows_fn = make_rows_fn(f, classes, layers)
+    net = isinstance(f, NetFn)
+    key = (f.apply if net else f, classes, layers)
+    if key not in _CROSS_CACHE:
+        def rows(state, params_, x):
+            return make_rows_fn(NetFn(f.apply, state) if net else f, classes, layers)(params_, x)
+
+        def kernel(variables, x):
+            state, params_, ref_rows = variables
+            with jax.default_matmul_precision("highest"):
+                return gram(rows(state, params_, jnp.asarray(x, jnp.float32)), ref_rows) / len(classes)
+        _CROSS_CACHE.clear()  # one network at a time
+        _CROSS_CACHE[key] = (kernel, jax.jit(rows))
+    kernel, rows_jit = _CROSS_CACHE[key]
+    state = f.net_state if net else None
+    params = jax.tree_util.tree_map(jnp.asarray, params)
     with jax.default_matmul_precision("highest"):
-        k = gram(rows_fn(params, jnp.asarray(x, jnp.float32)), rows_fn(params, jnp.asarray(x_ref, jnp.float32)))
-    return k / len(classes)
+        ref_rows = rows_jit(state, params, jnp.asarray(x_ref, jnp.float32))
+    return kernel, (state, params, ref_rows)
 
 
 def flops_floor(params, n, k=1):
@@ -513,5 +546,5 @@ def flops_floor(params, n, k=1):
     return n * (n + 1) / 2 * 2 * p * k
 
 
-__all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "make_plan", "discover_layers",
+__all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "make_plan", "discover_layers",
            "make_rows_fn", "gram", "classes_of", "DEFAULT_MEMORY_GB", "METHODS"]

@@ -89,21 +89,24 @@ def _digits_rbf():
     x_te, y_te, _ = balanced_subset(ds.x_test, ds.y_test, 50, 0, 10)
     x_ref = jnp.asarray(x_tr)
 
-    def kernel_fn(x):  # RBF on pixels: [m, n], differentiable in x
+    def kernel(x_ref, x):  # RBF on pixels: [m, n], differentiable in x
         d2 = jnp.sum((x.reshape(len(x), -1)[:, None] - x_ref.reshape(len(x_ref), -1)[None]) ** 2, -1)
         return jnp.exp(-d2 / 20.0)
-    return x_tr, y_tr, x_te, y_te, kernel_fn
+    return x_tr, y_tr, x_te, y_te, kernel, x_ref
 
 
 def test_kernel_predictor_attacks_stay_in_ball_and_lower_accuracy():
-    x_tr, y_tr, x_te, y_te, kernel_fn = _digits_rbf()
+    x_tr, y_tr, x_te, y_te, kernel, x_ref = _digits_rbf()
+
+    def kernel_fn(x):
+        return kernel(x_ref, x)
     pred = ka.fit_kernel_predictor(np.asarray(kernel_fn(jnp.asarray(x_tr))), ka.centered_one_hot(y_tr, 10), 1e-6)
-    logits = ka.make_kernel_logits(kernel_fn)
+    logits = ka.make_kernel_logits(kernel)
     clean = np.mean(np.argmax(ka.kernel_predict(kernel_fn(jnp.asarray(x_te)), pred), -1) == y_te)
     assert clean > 0.7
     eps = 0.15
     for method, steps in (("fgsm", 1), ("pgd", 10)):
-        x_adv = ka.attack_kernel_predictor(logits, pred["alpha"], x_te, y_te, method=method, eps=eps,
+        x_adv = ka.attack_kernel_predictor(logits, (x_ref, pred["alpha"]), x_te, y_te, method=method, eps=eps,
                                            steps=steps, key=jax.random.PRNGKey(0), batch_size=32)
         assert x_adv.shape == x_te.shape
         assert np.all(np.abs(x_adv - x_te) <= eps + 1e-6)

@@ -135,6 +135,21 @@ def test_cross_kernel_and_its_input_gradient(digits):
     assert _rel(np.asarray(g_fast), np.asarray(g_ref)) < 1e-4
 
 
+def test_cross_kernel_is_one_function_for_every_checkpoint(digits):
+    """ntk.cross_kernel returns the same kernel function for two checkpoints of one network (so
+    jitted attacks compile once), and each checkpoint's variables give that checkpoint's kernel."""
+    x = jnp.asarray(digits.x_train[:12])
+    apply, theta0, theta, state = _network("resnet18", 2, x)
+    f = ntk.NetFn(apply, state)
+    xa, xb = x[:4], x[4:]
+    k0, v0 = ntk.cross_kernel(f, theta0, xb, class_index=1)
+    k1, v1 = ntk.cross_kernel(f, theta, xb, class_index=1)
+    assert k0 is k1
+    jitted = jax.jit(k0)
+    for params, v in ((theta0, v0), (theta, v1)):
+        assert _rel(np.asarray(jitted(v, xa), np.float64), explicit_kernel(f, params, xa, 1, xb)) < 1e-5
+
+
 def test_any_callable_takes_the_generic_path(digits):
     x = jnp.asarray(digits.x_train[:12])
     apply, theta0, _, state = _network("mlp_skinny", 64, x)
