@@ -153,3 +153,35 @@ def test_cpu_shares_split_the_cpus():
     shares = kernel_epoch_grid.cpu_shares(min(2, len(cpus)))
     assert sorted(c for s in shares for c in s) == cpus if len(cpus) >= 2 else len(shares) == 1
     assert all(s for s in kernel_epoch_grid.cpu_shares(len(cpus) + 1))
+
+
+def _workers(pid):
+    """PIDs of the grid's worker processes (spawned interpreters running cells)."""
+    out = []
+    for child in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split():
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                out.append(int(child))
+    return out
+
+
+def test_a_worker_that_dies_is_replaced_and_its_cell_runs_again(tmp_path):
+    """A worker process killed (as a crash or the out-of-memory killer would) while it runs a cell:
+    the grid starts new workers, runs that cell again and finishes every cell, exit status 0."""
+    out = tmp_path / "g"
+    p = subprocess.Popen(grid(out, "--jobs", "2"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and not any(n.startswith("phase2/") for n in markers(out)):
+            time.sleep(0.1)
+        victims = _workers(p.pid)
+        assert victims, "no worker process found"
+        os.kill(victims[0], signal.SIGKILL)
+        stdout, _ = p.communicate(timeout=1800)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, stdout[-3000:]
+    assert "its worker process died; it runs again" in stdout and "Traceback" not in stdout
+    assert len(markers(out)) == N_CELLS
