@@ -11,7 +11,7 @@ Prints one JSON line per measurement:
 Each figure is the median of `--repeats` timed runs after one warm-up run. For a comparison with
 the reference code, run both on one machine: bench/bench_vs_reference.py.
 
-  PYTHONPATH=. python bench/bench_train.py --data_dir /work/shared/data
+  PYTHONPATH=. python bench/bench_train.py --data_dir DIR
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ DEFAULT_XLA_FLAGS = ""
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_dir", default=None,
-                   help="CIFAR-10 directory for real images (e.g. /work/shared/data); random data of the "
+                   help="CIFAR-10 directory for real images (a folder holding CIFAR-10 or a subset); random data of the "
                         "same shape when omitted")
     p.add_argument("--batch_size", type=int, default=128, help="train batch size")
     p.add_argument("--pgd_batch_size", type=int, default=128, help="batch size of the PGD-20 measurement")
