@@ -43,7 +43,7 @@ PRESETS = {
     "digits": dict(dataset="digits", model="resnet18", width=8, eps=32.0, phase1_epochs=20, phase2_epochs=1,
                    second_lr=0.01, pgd_eval_steps=20, train_size=None, test_size=None, batch_size=128,
                    dynamics_size=50, kernel_epochs=[0, 0.5, 2, 5, 10, 20], seeds=[0, 1, 2]),
-    # Real CIFAR-10 images, a narrow ResNet-18 on a subset: about 50 minutes on 2 CPU cores. Phase 2
+    # Real CIFAR-10 images, a narrow ResNet-18 on a subset: about 45 minutes on 2 CPU cores. Phase 2
     # runs 4 epochs (64 steps): 1 epoch of 1000 images (8 steps) left every phase 2 near chance.
     "cifar-subset": dict(dataset="cifar10", model="resnet18", width=8, eps=8.0, phase1_epochs=10,
                          phase2_epochs=4, second_lr=0.01, pgd_eval_steps=10, train_size=2000, test_size=500,
