@@ -222,7 +222,8 @@ def worker(args):
     versions = {"python": sys.executable, "jax": jax.__version__, "jaxlib": jaxlib.__version__}
     for mod in ("haiku", "optax", "neural_tangents"):
         try:
-            versions[mod] = getattr(__import__(mod), "__version__", "stub")
+            version = getattr(__import__(mod), "__version__", None)
+            versions[mod] = version if isinstance(version, str) else "stub"
         except Exception:  # noqa: BLE001
             versions[mod] = None
     answer.write(json.dumps({"ready": sorted(paths), "versions": versions}) + "\n")
