@@ -52,6 +52,7 @@ T0=$SECONDS
 run() {  # run CHAIN STEP COMMAND...
   local chain=$1 step=$2 t=$SECONDS
   shift 2
+  [[ -e "$DONE/.failed" ]] && exit 1   # the other chain failed: stop after its current step
   printf '[%4ds] %s  %-22s started\n' $((SECONDS - T0)) "$chain" "$step"
   echo "+ $*" >> "$LOGS/$chain.log"
   if ! "$@" >> "$LOGS/$chain.log" 2>&1; then
