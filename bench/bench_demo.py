@@ -83,7 +83,7 @@ def _wrap(argv):
         from jax._src import compiler
         monitoring.register_event_listener(on_event)
         monitoring.register_event_duration_secs_listener(on_duration)
-        original = compiler.compile_or_get_cached
+        original = getattr(compiler, "compile_or_get_cached", None)  # JAX internals: CPU seconds only if present
 
         def timed(*a, **kw):  # process CPU seconds (all threads) of each compilation or cache read
             c0 = time.process_time()
@@ -91,7 +91,8 @@ def _wrap(argv):
                 return original(*a, **kw)
             finally:
                 stats["cache_hit_cpu_s" if last_hit[0] else "compile_cpu_s"] += time.process_time() - c0
-        compiler.compile_or_get_cached = timed
+        if original is not None:
+            compiler.compile_or_get_cached = timed
         sys.argv = list(argv)
         sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
         runpy.run_path(argv[0], run_name="__main__")
