@@ -630,15 +630,13 @@ class PredictorSetup:
 
     def kernel_at(self, x):
         """K(x, X) [m, n] float64, in batches of --batch_size (the last one padded)."""
+        import parallel
         x = np.asarray(x, np.float32)
         b = self.batch_size
         out = []
         for start in range(0, len(x), b):
-            xb = x[start:start + b]
-            pad = b - len(xb)
-            if pad:  # one compiled shape
-                xb = np.concatenate([xb, np.repeat(xb[:1], pad, 0)])
-            out.append(np.asarray(self._kernel_jit(self.kernel_vars, xb), np.float64)[:b - pad])
+            xb = x[start:start + b]   # padded to one compiled shape; the padded rows are dropped
+            out.append(np.asarray(self._kernel_jit(self.kernel_vars, parallel.pad_rows(xb, b)), np.float64)[:len(xb)])
         return np.concatenate(out)
 
     def accuracy(self, k_test_train, weights):

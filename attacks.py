@@ -908,20 +908,13 @@ def _run_member(predict, variables, x, y, key, cfg: AttackConfig, m_idx, valid, 
     return x_out, fooled, half
 
 
-def _pad(a, size):
-    if len(a) == size:
-        return a
-    pad = np.zeros((size - len(a),) + a.shape[1:], a.dtype)
-    return np.concatenate([a, pad])
-
-
 def _device_batch(arrays, rows, batch_size):
     """The rows `rows` (a slice or index array) of host arrays, zero-padded to
     parallel.padded_size(batch_size) and split over the devices. Returns (sharded arrays,
     valid [size] bool marking the real rows)."""
     size = parallel.padded_size(batch_size)
     taken = [np.asarray(a[rows]) for a in arrays]
-    sharded, _ = parallel.shard_batch(tuple(_pad(t, size) for t in taken))
+    sharded, _ = parallel.shard_batch(tuple(parallel.pad_rows(t, size) for t in taken))
     return sharded, np.arange(size) < len(taken[0])
 
 

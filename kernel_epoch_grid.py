@@ -539,6 +539,8 @@ def execute(cells, markers, jobs, no_progress):
                                 retried.add(cell.name)
                                 waiting.append(cell)
                                 tqdm.write(f"{cell.name}: its worker process died; it runs again")
+                        except Exception as e:   # e.g. its result could not be sent back
+                            finished(cell, {"cell": cell.name, "status": "failed", "message": f"worker failed: {e}"})
                 if broken:   # the other cells of the dead pool run again too
                     for fut, cell in list(running.items()):
                         running.pop(fut)
@@ -949,14 +951,8 @@ def run(args):
 
 
 def main(argv=None):
-    """As utils.run_main (a UserError is one line and exit 2), but without loading JAX here: this
-    process only checks, schedules and reports; the cells load JAX where they run."""
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    # This process only checks, schedules and reports: the cells load JAX where they run.
+    return utils.run_main(run, build_parser().parse_args(argv), uses_jax=False)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ def replicate(tree):
     return jax.device_put(tree, replicated())
 
 
-def _pad_rows(a, size):
+def pad_rows(a, size):
+    """`a` (host array) with zero rows appended up to `size` rows (the caller drops them)."""
     a = np.asarray(a)
     if len(a) == size:
         return a
@@ -210,7 +211,7 @@ def shard_batch(tree, pad=True):
         return jax.device_put(tree, batch_sharded()), n
     if not pad:
         return jax.device_put(tree, replicated()), n
-    return jax.device_put(jax.tree_util.tree_map(lambda a: _pad_rows(a, size), tree), batch_sharded()), n
+    return jax.device_put(jax.tree_util.tree_map(lambda a: pad_rows(a, size), tree), batch_sharded()), n
 
 
 def to_host(x):

@@ -33,15 +33,18 @@ def enable_compilation_cache():
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_main(fn, args):
-    """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2. Joins a
-    multi-process job first when the environment describes one (parallel.init_distributed)."""
-    try:
-        parallel.init_distributed()
-    except parallel.DistributedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    enable_compilation_cache()
+def run_main(fn, args, uses_jax=True):
+    """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2. With
+    `uses_jax`, first joins a multi-process job when the environment describes one
+    (parallel.init_distributed) and turns on the compilation cache; without, JAX is not loaded
+    (a process that only schedules others)."""
+    if uses_jax:
+        try:
+            parallel.init_distributed()
+        except parallel.DistributedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+        enable_compilation_cache()
     try:
         return fn(args)
     except UserError as e:
