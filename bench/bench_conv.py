@@ -12,13 +12,14 @@ Prints one JSON line: the machine, JAX's version, the shapes, and the median mil
 import argparse
 import json
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from timing import cpu_model
 
 
 def formulations(h):
@@ -50,7 +51,7 @@ def main():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((a.batch_size, a.size, a.size, a.channels)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, a.channels, a.channels)) * 0.05, jnp.float32)
-    out = {"machine": {"cpu": platform.processor(), "cores": os.cpu_count(), "device": str(jax.devices()[0])},
+    out = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "device": str(jax.devices()[0])},
            "jax": jax.__version__, "config": vars(a), "load_avg_1min": os.getloadavg()[0]}
     for name, conv in formulations(a.size).items():
         def loss(x, w, conv=conv):

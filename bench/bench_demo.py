@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from timing import cpu_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -156,7 +158,7 @@ def main():
                "cpu_s": round(ru.ru_utime + ru.ru_stime, 1), "user_s": round(ru.ru_utime, 1),
                "sys_s": round(ru.ru_stime, 1), "maxrss_mb": round(ru.ru_maxrss / 1024),
                "load1_start": round(load, 2), "load1_end": round(os.getloadavg()[0], 2),
-               "cpu": _cpu_model(), "cores": os.cpu_count()}
+               "cpu": cpu_model(), "cores": os.cpu_count()}
     with open(prof, "a") as f:
         f.write(json.dumps(summary) + "\n")
     print()
@@ -166,16 +168,6 @@ def main():
     print()
     print(_table(records))
     return r.returncode
-
-
-def _cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import time_calls  # noqa: E402
+from timing import cpu_model, time_calls  # noqa: E402
 
 # XLA's defaults, which is what the scripts run with. `--xla_flags --xla_cpu_use_xnnpack=true`
 # tries XNNPACK for dots/convs (fp32): faster on a 2-core AMD EPYC, no different (within 2%) on
@@ -56,17 +55,8 @@ def parse_args(argv=None):
 
 def machine_info():
     import jax
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     dev = jax.devices()[0]
-    return {"cpu": cpu, "cores": os.cpu_count(), "device": f"{dev.platform}:{dev.device_kind}",
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "device": f"{dev.platform}:{dev.device_kind}",
             "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 

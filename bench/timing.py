@@ -1,6 +1,20 @@
-"""Timing loops shared by the benchmarks, standard library only: bench_vs_reference.py also runs
-it under the reference's own Python, which must not import this project's modules."""
+"""Timing loop and machine name shared by the benchmarks, standard library only: it is imported
+before JAX starts (bench_train.py sets XLA_FLAGS first) and under the reference's own Python
+(bench_vs_reference.py, bench_conv.py), which must not import this project's modules."""
+import platform
 import time
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), else platform.processor(), else 'unknown'."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def time_calls(fn, repeats):
