@@ -1,5 +1,5 @@
-"""The ground floor under every module: user errors and `run_main`, the restricted unpickler,
-atomic writes, and run records. Imports only parallel.py (who writes in a multi-process job) of
+"""The ground floor under every module: user errors and `run_main`, XLA:CPU's flags (set on
+import), the restricted unpickler, atomic writes, and run records. Imports only parallel.py (who writes in a multi-process job) of
 this project, and no JAX at import time."""
 from __future__ import annotations
 
@@ -23,11 +23,12 @@ class UserError(Exception):
 
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, dots and reductions to YNNPACK by default. On this
-# project's workloads its own kernels are faster: measured side by side on a 2-core AMD EPYC
-# (bench/README.md, "XLA:CPU's kernels"), the ResNet-18 train step by 1.2x, PGD by 1.5x and the
-# NTK engine by 1.4x. An empty list of YNN fusion types turns YNNPACK off; only XLA_FLAGS is
-# touched, so GPUs are unaffected. It must be set before JAX creates its CPU backend, which is
-# why it happens here, on import of the module every other module imports first.
+# project's workloads XLA's own kernels are faster: on a 2-core AMD EPYC (bench/README.md,
+# "XLA:CPU's kernels") the ResNet-18 phase-1 train step by 1.56x, the linearized step by ~1.25x,
+# PGD-20 by 1.56x and the 100-image NTK by 1.48x. An empty list of YNN fusion types turns YNNPACK
+# off; only XLA_FLAGS is touched, so GPUs are unaffected. It must be set before JAX creates its
+# CPU backend, which is why it happens here, on import of the module every other module imports
+# first.
 YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 
 

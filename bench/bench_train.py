@@ -26,11 +26,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from timing import cpu_model, time_calls  # noqa: E402
 
-# XLA's defaults, which is what the scripts run with. `--xla_flags --xla_cpu_use_xnnpack=true`
-# tries XNNPACK for dots/convs (fp32): faster on a 2-core AMD EPYC, no different (within 2%) on
-# a 2-core Intel Xeon.
-DEFAULT_XLA_FLAGS = ""
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,9 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--matmul_n", type=int, default=4096, help="size of the square matmul for the peak")
     p.add_argument("--only", default="matmul_peak,train_standard,train_linear,pgd20,data_feeding",
                    help="comma-separated subset of measurements to run")
-    p.add_argument("--xla_flags", default=DEFAULT_XLA_FLAGS,
-                   help="XLA_FLAGS to set before JAX starts ('' for XLA's defaults); ignored if XLA_FLAGS "
-                        "is already set in the environment")
+    p.add_argument("--xla_flags", default="",
+                   help="XLA_FLAGS to set before JAX starts; ignored if XLA_FLAGS is already set in the "
+                        "environment. The scripts' own flag (utils.prefer_xla_cpu_kernels) is added unless "
+                        "these set it or NTK_XLA_CPU_DEFAULTS=1")
     return p.parse_args(argv)
 
 
@@ -258,6 +254,7 @@ def main(argv=None):
     args = parse_args(argv)
     if "XLA_FLAGS" not in os.environ and args.xla_flags:
         os.environ["XLA_FLAGS"] = args.xla_flags  # must happen before JAX is imported
+    import utils  # noqa: F401  (adds the project's XLA:CPU flags, as every script does, before JAX starts)
     run(args)
 
 

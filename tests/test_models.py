@@ -117,3 +117,28 @@ def test_unknown_model_and_dynamics_are_refused():
         get_model("vgg", 10)
     with pytest.raises(ValueError, match="unknown dynamics"):
         dynamics_apply(None, "lazy", None, None, None, None)
+
+
+def test_xla_cpu_kernel_flag_is_added_once_and_never_overrides_the_user():
+    import importlib.metadata
+
+    import utils
+    flag = utils.YNN_FLAG + "="
+    on_010 = importlib.metadata.version("jaxlib").startswith("0.10.")
+    env = {}
+    utils.prefer_xla_cpu_kernels(env)
+    assert env.get("XLA_FLAGS") == (flag if on_010 else None)
+    utils.prefer_xla_cpu_kernels(env)  # idempotent
+    assert env.get("XLA_FLAGS") == (flag if on_010 else None)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    utils.prefer_xla_cpu_kernels(env)
+    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=4")
+    assert (flag in env["XLA_FLAGS"]) == on_010
+    mine = {"XLA_FLAGS": utils.YNN_FLAG + "=+individual_dot"}
+    utils.prefer_xla_cpu_kernels(mine)
+    assert mine == {"XLA_FLAGS": utils.YNN_FLAG + "=+individual_dot"}
+    defaults = {"NTK_XLA_CPU_DEFAULTS": "1"}
+    utils.prefer_xla_cpu_kernels(defaults)
+    assert "XLA_FLAGS" not in defaults
+    # This process imported utils (conftest) before JAX started: its backend runs with the flag.
+    assert (flag in os.environ.get("XLA_FLAGS", "")) == on_010
