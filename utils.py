@@ -1,6 +1,6 @@
 """The ground floor under every module: user errors and `run_main`, XLA:CPU's flags (set on
-import), the restricted unpickler, atomic writes, and run records. Imports only parallel.py (who writes in a multi-process job) of
-this project, and no JAX at import time."""
+import), the restricted unpickler, atomic writes, and run records. Imports only parallel.py (who
+writes in a multi-process job) of this project, and no JAX at import time."""
 from __future__ import annotations
 
 import errno

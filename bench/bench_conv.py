@@ -52,7 +52,8 @@ def main():
     x = jnp.asarray(rng.standard_normal((a.batch_size, a.size, a.size, a.channels)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((3, 3, a.channels, a.channels)) * 0.05, jnp.float32)
     out = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "device": str(jax.devices()[0])},
-           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": vars(a), "load_avg_1min": os.getloadavg()[0]}
+           "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": vars(a),
+           "load_avg_1min": os.getloadavg()[0]}
     for name, conv in formulations(a.size).items():
         def loss(x, w, conv=conv):
             return jnp.sum(conv(x, w) ** 2)

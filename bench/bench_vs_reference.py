@@ -406,7 +406,8 @@ def result_line(args, k, d, warm, ref_versions, mach):
         "ours_cpu_s_median": round(statistics.median(d["our_cpu"]), 2),
         "loadavg_1min_per_round_ref_ours": d["load"], "order_per_round": d["order"],
         "warmup_s": {s: round(v, 1) for s, v in warm.items()},
-        "reference_stack": ref_versions, "ours_stack": {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
+        "reference_stack": ref_versions,
+        "ours_stack": {"jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")},
         "machine": mach,
     }
 
