@@ -5,7 +5,11 @@ Prints one JSON line per measurement:
   train_standard  train.make_train_step(apply, 'standard', True, sgd) (phase 1), img/s,
                   plus its FLOPs (XLA cost analysis of the compiled step) as a fraction of the peak;
   train_linear    the same with dynamics 'linear' and BatchNorm frozen (phase 2), img/s;
-  pgd20           attacks.pgd, L-inf eps 4/255, 20 steps, step 2*eps/20 (the training attack), img/s;
+  pgd20           attacks.pgd, L-inf eps 4/255, 20 steps, step 2*eps/20 (the training attack), img/s,
+                  plus the FLOPs of its 20 steps as a fraction of the peak;
+  pgd_convs       every distinct convolution of ResNet-18 at the PGD batch size: milliseconds of
+                  its forward pass and of its gradient with respect to the input (the two an
+                  attack step runs), GFLOP/s, and one summary line with their sum over a step;
   data_feeding    N standard steps fed by data.batches + host->device transfer, against the same
                   N steps on a batch already on the device: the relative overhead.
 Each figure is the median of `--repeats` timed runs after one warm-up run. For a comparison with
@@ -41,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--feed_steps", type=int, default=3, help="steps in each data-feeding loop")
     p.add_argument("--matmul_n", type=int, default=4096, help="size of the square matmul for the peak")
     p.add_argument("--only", default="matmul_peak,train_standard,train_linear,pgd20,data_feeding",
-                   help="comma-separated subset of measurements to run")
+                   help="comma-separated subset of measurements to run (pgd_convs runs only when named)")
     p.add_argument("--xla_flags", default="",
                    help="XLA_FLAGS to set before JAX starts; ignored if XLA_FLAGS is already set in the "
                         "environment. The scripts' own flag (utils.prefer_xla_cpu_kernels) is added unless "
@@ -174,8 +178,9 @@ def measure_train(args, emit, bench, name, dynamics, is_training, peak):
     emit(name, dict(bench.cfg, dynamics=dynamics, bn_training=is_training), walls, cpus, warm, **extra)
 
 
-def measure_pgd(args, emit, bench, x_np, y_np):
-    """attacks.pgd, L-inf eps 4/255, 20 steps of 2*eps/20 (the training attack)."""
+def measure_pgd(args, emit, bench, x_np, y_np, peak):
+    """attacks.pgd, L-inf eps 4/255, 20 steps of 2*eps/20 (the training attack), and the FLOPs of
+    its 20 steps (XLA's cost analysis of one compiled step) as a share of the matmul peak."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -186,11 +191,66 @@ def measure_pgd(args, emit, bench, x_np, y_np):
     predict = attacks.make_predict(bench.apply, "standard")
     variables = (bench.params, bench.params, bench.net_state)
     eps = 4 / 255
+    step_flops = _flops(attacks._pgd_step_jit.lower(jnp.int32(0), xp, variables, xp, yp, eps, 2 * eps / 20,
+                                                    predict=predict, norm="linf").compile())
     walls, cpus, warm = timed(lambda: attacks.pgd(predict, variables, xp, yp, bench.key, eps, 2 * eps / 20,
                                                   steps=20, norm="linf").block_until_ready(), args.repeats)
+    gflops = 20 * step_flops / _median(walls) / 1e9
+    extra = {"img_per_s": p / _median(walls), "step_gflop_xla_cost_analysis": step_flops / 1e9,
+             "achieved_gflops_per_s": gflops}
+    if peak:
+        extra["fraction_of_matmul_peak"] = gflops / peak
     emit("pgd20", dict(bench.cfg, batch_size=p, norm="linf", eps=eps, steps=20, step_size=2 * eps / 20,
-                       bn_training=False, loop=attacks.loop_mode()), walls, cpus, warm,
-         img_per_s=p / _median(walls))
+                       bn_training=False, loop=attacks.loop_mode()), walls, cpus, warm, **extra)
+
+
+def resnet18_convs(width):
+    """[(name, input size, in channels, out channels, kernel, stride, count)]: the distinct
+    convolutions of models.ResNet18 on 32x32 RGB images, and how many of each it has."""
+    convs, size, cin = [("stem", 32, 3, width, 3, 1, 1)], 32, width
+    for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+        cout = width * mult
+        if stride > 1:
+            convs += [(f"down_{cout}", size, cin, cout, 3, stride, 1), (f"shortcut_{cout}", size, cin, cout, 1, stride, 1)]
+            size //= stride
+        convs.append((f"conv_{cout}", size, cout, cout, 3, 1, 3 if stride > 1 else 4))
+        cin = cout
+    return convs
+
+
+def measure_pgd_convs(args, emit, peak):
+    """Forward and input-gradient time of every distinct ResNet-18 convolution at the PGD batch
+    size (SAME padding, as hk.Conv2D), one line each, then their sum over one attack step."""
+    import jax
+    import numpy as np
+    from jax import lax
+    rng = np.random.default_rng(0)
+    p = args.pgd_batch_size
+    total_ms, total_gflop = 0.0, 0.0
+    for name, size, cin, cout, k, stride, count in resnet18_convs(args.width):
+        def conv(x, w, stride=stride):
+            return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = jax.device_put(rng.standard_normal((p, size, size, cin)).astype(np.float32))
+        w = jax.device_put((rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32))
+        g = jax.device_put(np.ones(jax.eval_shape(conv, x, w).shape, np.float32))
+        fwd = jax.jit(conv)
+        grad_x = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
+        gflop = 2 * g.size * k * k * cin / 1e9   # multiply-adds of the forward pass; the input gradient has as many
+        ms = {}
+        for kind, f, a in (("fwd", fwd, (x, w)), ("grad_x", grad_x, (x, w, g))):
+            walls, cpus, warm = timed(lambda f=f, a=a: f(*a).block_until_ready(), args.repeats)
+            ms[kind] = 1000 * _median(walls)
+            extra = {"gflops_per_s": gflop / _median(walls), "count_in_resnet18": count}
+            if peak:
+                extra["fraction_of_matmul_peak"] = extra["gflops_per_s"] / peak
+            emit(f"pgd_convs:{name}:{kind}", {"batch_size": p, "input": [size, size, cin], "out_channels": cout,
+                                              "kernel": k, "stride": stride}, walls, cpus, warm, **extra)
+        total_ms += count * (ms["fwd"] + ms["grad_x"])
+        total_gflop += count * 2 * gflop
+    print(json.dumps({"machine": machine_info(), "measurement": "pgd_convs:sum_per_attack_step",
+                      "config": {"model": "resnet18", "width": args.width, "batch_size": p},
+                      "ms": total_ms, "gflop": total_gflop, "gflops_per_s": total_gflop / total_ms * 1000,
+                      "loadavg_1min": os.getloadavg()[0]}), flush=True)
 
 
 def measure_feeding(args, emit, bench, x_np, y_np):
@@ -245,7 +305,9 @@ def run(args):
         if name in only:
             measure_train(args, emit, bench, name, dynamics, is_training, peak)
     if "pgd20" in only:
-        measure_pgd(args, emit, bench, x_np, y_np)
+        measure_pgd(args, emit, bench, x_np, y_np, peak)
+    if "pgd_convs" in only:
+        measure_pgd_convs(args, emit, peak)
     if "data_feeding" in only:
         measure_feeding(args, emit, bench, x_np, y_np)
 
