@@ -612,12 +612,11 @@ class PredictorSetup:
         c = len(self.classes)
         x_ref = jnp.asarray(self.x_train)
         t0 = time.time()
-        self.k_train_train = np.asarray(ntk.empirical_ntk(self.f, self.params, x_ref, class_index=ci,
-                                                          memory_gb=args.memory_gb), np.float64)  # [n, n]
-        # K(x, X) for test and attacked images: X's gradient rows are computed once and kept,
-        # and every attack step and kernel evaluation reuses them (ntk.cross_kernel).
+        # X's gradient rows are computed once and kept (ntk.cross_kernel): K(X, X) is their Gram
+        # matrix, and every K(x, X) of a test or attacked image reuses them.
         kernel, self.kernel_vars = ntk.cross_kernel(self.f, self.params, x_ref, class_index=ci)
         self._kernel_jit, self.batch_size = jax.jit(kernel), args.batch_size
+        self.k_train_train = ntk.reference_kernel(self.kernel_vars, len(ntk.classes_of(ci, c)), args.batch_size)  # [n, n]
         self.k_test_train = self.kernel_at(self.x_test)                                             # [m, n]
         self.kernel_seconds = time.time() - t0
         self.ridge = args.ridge * float(np.mean(np.diag(self.k_train_train)))

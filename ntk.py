@@ -540,11 +540,32 @@ def cross_kernel(f, params, x_ref, class_index=None):
     return kernel, (state, params, ref_rows)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _scaled_gram(rows1, rows2, num_summed):
+    with jax.default_matmul_precision("highest"):
+        return gram(rows1, rows2) / num_summed
+
+
+def reference_kernel(variables, num_summed, batch_size):
+    """K(x_ref, x_ref) [n, n] float64 from the gradient rows of x_ref that `cross_kernel` keeps in
+    `variables`, `batch_size` rows at a time: no gradient is computed again. `num_summed` is the
+    number of logits the kernel averages, len(classes_of(class_index, num_classes)). Made
+    exactly symmetric; equal to `empirical_ntk(f, params, x_ref, class_index=...)` up to float
+    rounding."""
+    ref_rows = variables[2]
+    n = jax.tree_util.tree_leaves(ref_rows)[0].shape[0]
+    blocks = [np.asarray(_scaled_gram(jax.tree_util.tree_map(lambda a, s=s: a[s:s + batch_size], ref_rows),
+                                      ref_rows, num_summed), np.float64)
+              for s in range(0, n, batch_size)]
+    k = np.concatenate(blocks)
+    return (k + k.T) / 2
+
+
 def flops_floor(params, n, k=1):
     """FLOPs of the plain Gram of n full Jacobian rows (upper triangle only): n(n+1)/2 * 2P*k."""
     p = sum(int(np.size(leaf)) for leaf in jax.tree_util.tree_leaves(params))
     return n * (n + 1) / 2 * 2 * p * k
 
 
-__all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "make_plan", "discover_layers",
+__all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "reference_kernel", "make_plan", "discover_layers",
            "make_rows_fn", "gram", "classes_of", "DEFAULT_MEMORY_GB", "METHODS"]

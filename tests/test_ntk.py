@@ -150,6 +150,19 @@ def test_cross_kernel_is_one_function_for_every_checkpoint(digits):
         assert _rel(np.asarray(jitted(v, xa), np.float64), explicit_kernel(f, params, xa, 1, xb)) < 1e-5
 
 
+def test_reference_kernel_is_the_gram_of_the_kept_rows(digits):
+    """ntk.reference_kernel builds K(X, X) from the rows cross_kernel keeps (in blocks, the last
+    one short): the explicit kernel, exactly symmetric, for one class and for all of them."""
+    x = jnp.asarray(digits.x_train[:11])
+    apply, theta0, _, state = _network("resnet18", 2, x)
+    f = ntk.NetFn(apply, state)
+    for ci, summed in ((1, 1), (-1, 10)):
+        _, variables = ntk.cross_kernel(f, theta0, x, class_index=ci)
+        k = ntk.reference_kernel(variables, summed, batch_size=4)
+        assert k.shape == (11, 11) and np.array_equal(k, k.T)
+        assert _rel(k, explicit_kernel(f, theta0, x, ci)) < 1e-5
+
+
 def test_any_callable_takes_the_generic_path(digits):
     x = jnp.asarray(digits.x_train[:12])
     apply, theta0, _, state = _network("mlp_skinny", 64, x)
