@@ -51,11 +51,17 @@ DYNAMICS_FIGURES = ("polar_dynamics.png", "polar_vs_epoch.png", "eigenvalue_mass
 # ======================================================================================
 # Arguments
 # ======================================================================================
-def _add_common(p):
+# features and attack hold the gradient rows of all --n_train images: K(X, X) is their Gram matrix
+# and every K(x, X) reuses them (ntk.cross_kernel), so no budget applies.
+_PREDICTOR_MEMORY_HELP = ("not used by this subcommand (accepted so one command line serves all three): the kernel "
+                          "predictor keeps the gradients of all --n_train images in memory")
+
+
+def _add_common(p, memory_help=None):
     cli.add_network_args(p)
     cli.add_class_index(p)
     p.add_argument("--random_seed", type=cli.seed, default=0, help="seed of the image subsets and attack noise")
-    cli.add_memory_gb(p)
+    cli.add_memory_gb(p, memory_help)
     p.add_argument("--out_dir", default=None, help="directory for the outputs (created)")
     cli.add_no_progress(p)
 
@@ -117,7 +123,7 @@ def build_parser():
     f.add_argument("--n_features", type=int, default=20, help="leading eigen-indices analysed (0 .. n_features-1)")
     f.add_argument("--n_tail", type=int, default=10,
                    help="further eigen-indices, log-spaced from n_features to the last (smallest eigenvalue)")
-    _add_common(f)
+    _add_common(f, _PREDICTOR_MEMORY_HELP)
 
     a = _subcommand(sub, "attack", "FGSM/PGD adversarial examples of the kernel predictor")
     _add_predictor(a)
@@ -125,7 +131,7 @@ def build_parser():
     a.add_argument("--save_name", default="ntk", help="outputs: adv_examples_{save_name}.pkl, ntk_attack_{save_name}.json")
     a.add_argument("--no_transfer", action="store_true",
                    help="skip evaluating the checkpoint's network on the saved examples")
-    _add_common(a)
+    _add_common(a, _PREDICTOR_MEMORY_HELP)
     return p
 
 

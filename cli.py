@@ -117,10 +117,10 @@ def positive_float(text):
     return value
 
 
-def add_memory_gb(p):
+def add_memory_gb(p, help=None):
     p.add_argument("--memory_gb", type=positive_float, default=DEFAULT_MEMORY_GB,
-                   help="memory budget (GiB) for the gradients the NTK engine holds at once; the kernel does "
-                        "not depend on it, only the time (a smaller budget recomputes more gradients)")
+                   help=help or "memory budget (GiB) for the gradients the NTK engine holds at once; the kernel does "
+                                "not depend on it, only the time (a smaller budget recomputes more gradients)")
 
 
 def positive_int(text):
