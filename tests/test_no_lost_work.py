@@ -105,7 +105,7 @@ FAILURES = {  # id: (script, argv, what to break (or None: the input itself is b
     "features-out_dir-bad-n_train": ("analyze_ntk", ["features", "--model_path", FINAL, "--n_train", "3",
                                                      "--out_dir", "new/an"], None, "new"),
     "features-default-out_dir": ("analyze_ntk", ["features", "--model_path", FINAL, "--n_train", "10", "--n_test",
-                                                 "10", "--no_progress"], ("ntk", "empirical_ntk"), "run/ntk_analysis"),
+                                                 "10", "--no_progress"], ("ntk", "reference_kernel"), "run/ntk_analysis"),
     "attack-out_dir": ("analyze_ntk", ["attack", "--model_path", FINAL, "--n_train", "10", "--n_test", "10",
                                        "--out_dir", "new", "--no_progress"], ("kernel_analysis", "fit_kernel_predictor"),
                        "new"),
