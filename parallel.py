@@ -143,7 +143,7 @@ def mesh():
     import jax
     from jax.sharding import Mesh
     devices = jax.devices()
-    if len(devices) < 2 or os.environ.get("NTK_DATA_PARALLEL", "1").strip() in ("0", "false", "no"):
+    if len(devices) < 2 or os.environ.get("NTK_DATA_PARALLEL", "1").strip().lower() in ("0", "false", "no"):
         return None
     return Mesh(np.array(devices), (AXIS,))
 

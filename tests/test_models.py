@@ -137,8 +137,9 @@ def test_xla_cpu_kernel_flag_is_added_once_and_never_overrides_the_user():
     mine = {"XLA_FLAGS": utils.YNN_FLAG + "=+individual_dot"}
     utils.prefer_xla_cpu_kernels(mine)
     assert mine == {"XLA_FLAGS": utils.YNN_FLAG + "=+individual_dot"}
-    defaults = {"NTK_XLA_CPU_DEFAULTS": "1"}
-    utils.prefer_xla_cpu_kernels(defaults)
-    assert "XLA_FLAGS" not in defaults
+    for value in ("1", "True", " yes"):
+        defaults = {"NTK_XLA_CPU_DEFAULTS": value}
+        utils.prefer_xla_cpu_kernels(defaults)
+        assert "XLA_FLAGS" not in defaults
     # This process imported utils (conftest) before JAX started: its backend runs with the flag.
     assert (flag in os.environ.get("XLA_FLAGS", "")) == on_010
