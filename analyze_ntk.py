@@ -51,8 +51,6 @@ DYNAMICS_FIGURES = ("polar_dynamics.png", "polar_vs_epoch.png", "eigenvalue_mass
 # ======================================================================================
 # Arguments
 # ======================================================================================
-# features and attack hold the gradient rows of all --n_train images: K(X, X) is their Gram matrix
-# and every K(x, X) reuses them (ntk.cross_kernel), so no budget applies.
 _PREDICTOR_MEMORY_HELP = ("not used by this subcommand (accepted so one command line serves all three): the kernel "
                           "predictor keeps the gradients of all --n_train images in memory")
 
@@ -622,7 +620,8 @@ class PredictorSetup:
         # matrix, and every K(x, X) of a test or attacked image reuses them.
         kernel, self.kernel_vars = ntk.cross_kernel(self.f, self.params, x_ref, class_index=ci)
         self._kernel_jit, self.batch_size = jax.jit(kernel), args.batch_size
-        self.k_train_train = ntk.reference_kernel(self.kernel_vars, len(ntk.classes_of(ci, c)), args.batch_size)  # [n, n]
+        self.k_train_train = ntk.reference_kernel(self.kernel_vars, len(ntk.classes_of(ci, c)),  # [n, n]
+                                                  args.batch_size)
         self.k_test_train = self.kernel_at(self.x_test)                                             # [m, n]
         self.kernel_seconds = time.time() - t0
         self.ridge = args.ridge * float(np.mean(np.diag(self.k_train_train)))

@@ -567,5 +567,5 @@ def flops_floor(params, n, k=1):
     return n * (n + 1) / 2 * 2 * p * k
 
 
-__all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "reference_kernel", "make_plan", "discover_layers",
-           "make_rows_fn", "gram", "classes_of", "DEFAULT_MEMORY_GB", "METHODS"]
+__all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "reference_kernel", "make_plan",
+           "discover_layers", "make_rows_fn", "gram", "classes_of", "DEFAULT_MEMORY_GB", "METHODS"]

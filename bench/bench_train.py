@@ -211,7 +211,8 @@ def resnet18_convs(width):
     for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
         cout = width * mult
         if stride > 1:
-            convs += [(f"down_{cout}", size, cin, cout, 3, stride, 1), (f"shortcut_{cout}", size, cin, cout, 1, stride, 1)]
+            convs += [(f"down_{cout}", size, cin, cout, 3, stride, 1),
+                      (f"shortcut_{cout}", size, cin, cout, 1, stride, 1)]
             size //= stride
         convs.append((f"conv_{cout}", size, cout, cout, 3, 1, 3 if stride > 1 else 4))
         cin = cout
@@ -229,13 +230,14 @@ def measure_pgd_convs(args, emit, peak):
     total_ms, total_gflop = 0.0, 0.0
     for name, size, cin, cout, k, stride, count in resnet18_convs(args.width):
         def conv(x, w, stride=stride):
-            return lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return lax.conv_general_dilated(x, w, (stride, stride), "SAME",
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"))
         x = jax.device_put(rng.standard_normal((p, size, size, cin)).astype(np.float32))
         w = jax.device_put((rng.standard_normal((k, k, cin, cout)) / np.sqrt(k * k * cin)).astype(np.float32))
         g = jax.device_put(np.ones(jax.eval_shape(conv, x, w).shape, np.float32))
         fwd = jax.jit(conv)
         grad_x = jax.jit(lambda x, w, g, conv=conv: jax.vjp(lambda x_: conv(x_, w), x)[1](g)[0])
-        gflop = 2 * g.size * k * k * cin / 1e9   # multiply-adds of the forward pass; the input gradient has as many
+        gflop = 2 * g.size * k * k * cin / 1e9   # the forward pass's FLOPs; the input gradient's are as many
         ms = {}
         for kind, f, a in (("fwd", fwd, (x, w)), ("grad_x", grad_x, (x, w, g))):
             walls, cpus, warm = timed(lambda f=f, a=a: f(*a).block_until_ready(), args.repeats)
