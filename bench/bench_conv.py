@@ -12,14 +12,20 @@ Prints one JSON line: the machine, JAX's version, the shapes, and the median mil
 import argparse
 import json
 import os
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax import lax
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The scripts' XLA:CPU flags, set before JAX starts (utils imports no JAX; on a jaxlib other than
+# 0.10.x, such as the reference's 0.4.23, it sets nothing). NTK_XLA_CPU_DEFAULTS=1: XLA's defaults.
+import utils  # noqa: E402,F401
 
-from timing import cpu_model
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from timing import cpu_model  # noqa: E402
 
 
 def formulations(h):

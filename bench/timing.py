@@ -1,6 +1,6 @@
 """Timing loop and machine name shared by the benchmarks, standard library only: it is imported
 before JAX starts (bench_train.py sets XLA_FLAGS first) and under the reference's own Python
-(bench_vs_reference.py, bench_conv.py), which must not import this project's modules."""
+(bench_vs_reference.py's worker, which must not import this project's modules; bench_conv.py)."""
 import platform
 import time
 
