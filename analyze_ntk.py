@@ -620,8 +620,8 @@ class PredictorSetup:
         # matrix, and every K(x, X) of a test or attacked image reuses them.
         kernel, self.kernel_vars = ntk.cross_kernel(self.f, self.params, x_ref, class_index=ci)
         self._kernel_jit, self.batch_size = jax.jit(kernel), args.batch_size
-        self.k_train_train = ntk.reference_kernel(self.kernel_vars, len(ntk.classes_of(ci, c)),  # [n, n]
-                                                  args.batch_size)
+        logits_summed = len(ntk.classes_of(ci, self.net.num_classes))  # the network's logits, not the task's
+        self.k_train_train = ntk.reference_kernel(self.kernel_vars, logits_summed, args.batch_size)  # [n, n]
         self.k_test_train = self.kernel_at(self.x_test)                                             # [m, n]
         self.kernel_seconds = time.time() - t0
         self.ridge = args.ridge * float(np.mean(np.diag(self.k_train_train)))

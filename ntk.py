@@ -549,7 +549,8 @@ def _scaled_gram(rows1, rows2, num_summed):
 def reference_kernel(variables, num_summed, batch_size):
     """K(x_ref, x_ref) [n, n] float64 from the gradient rows of x_ref that `cross_kernel` keeps in
     `variables`, `batch_size` rows at a time: no gradient is computed again. `num_summed` is the
-    number of logits the kernel averages, len(classes_of(class_index, num_classes)). Made
+    number of logits the kernel averages, len(classes_of(class_index, C)) for a network with C
+    logits. Made
     exactly symmetric; equal to `empirical_ntk(f, params, x_ref, class_index=...)` up to float
     rounding."""
     ref_rows = variables[2]

@@ -187,6 +187,23 @@ def test_features_script_sums_to_predictor(tiny_run, tmp_path):
     assert (tmp_path / "eigen_features.png").exists() and (tmp_path / "eigen_features.json").exists()
 
 
+def test_predictor_kernels_with_a_class_subset_are_the_networks_ntk(tiny_run):
+    """With --classes 3 5, K(X, X) and K(x, X) are both the NTK averaged over all 10 logits of the
+    network (the task's classes pick the images, not the logits)."""
+    pytest.importorskip("ntk")
+    import analyze_ntk
+    import ntk
+    args = _args(["features", "--model_path", str(tiny_run / "parameters_checkpoint_1.pkl"), "--classes", "3", "5",
+                  "--n_train", "10", "--n_test", "4", "--batch_size", "4"])
+    s = analyze_ntk.PredictorSetup(args)
+    s.fit(args)
+    x_train, x_test = jnp.asarray(s.x_train), jnp.asarray(s.x_test)
+    k_train = np.asarray(ntk.empirical_ntk(s.f, s.params, x_train), np.float64)
+    k_test = np.asarray(ntk.empirical_ntk(s.f, s.params, x_test, x_train), np.float64)
+    assert np.max(np.abs(s.k_train_train - k_train)) <= 1e-5 * np.max(np.abs(k_train))
+    assert np.max(np.abs(s.k_test_train - k_test)) <= 1e-5 * np.max(np.abs(k_test))
+
+
 def test_attack_script_lowers_accuracy_and_saves_transferable_examples(tiny_run, tmp_path):
     pytest.importorskip("ntk")
     import analyze_ntk
