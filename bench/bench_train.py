@@ -249,10 +249,10 @@ def measure_pgd_convs(args, emit, peak):
                                               "kernel": k, "stride": stride}, walls, cpus, warm, **extra)
         total_ms += count * (ms["fwd"] + ms["grad_x"])
         total_gflop += count * 2 * gflop
-    print(json.dumps({"machine": machine_info(), "measurement": "pgd_convs:sum_per_attack_step",
-                      "config": {"model": "resnet18", "width": args.width, "batch_size": p},
-                      "ms": total_ms, "gflop": total_gflop, "gflops_per_s": total_gflop / total_ms * 1000,
-                      "loadavg_1min": os.getloadavg()[0]}), flush=True)
+    print(json.dumps(dict(emit.base, measurement="pgd_convs:sum_per_attack_step",
+                          config={"model": "resnet18", "width": args.width, "batch_size": p},
+                          ms=total_ms, gflop=total_gflop, gflops_per_s=total_gflop / total_ms * 1000,
+                          loadavg_1min=os.getloadavg()[0])), flush=True)
 
 
 def measure_feeding(args, emit, bench, x_np, y_np):
