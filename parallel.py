@@ -72,12 +72,19 @@ def _env_int(env, name):
         raise DistributedError(f"{name} must be an integer (got {raw!r})") from None
 
 
+def env_word(name, default="", environ=None):
+    """Environment variable `name` (`default` when unset), stripped and lower-cased: how the
+    project's on/off switches (NTK_DISTRIBUTED, NTK_DATA_PARALLEL, NTK_XLA_CPU_DEFAULTS) are read."""
+    env = os.environ if environ is None else environ
+    return env.get(name, default).strip().lower()
+
+
 def distributed_settings(environ=None):
     """The `jax.distributed.initialize` keyword arguments the environment asks for, or None for
     a single process (see the module docstring for the variables)."""
     env = os.environ if environ is None else environ
     explicit = [k for k in ("NTK_NUM_PROCESSES", "NTK_PROCESS_ID", "NTK_COORDINATOR") if env.get(k, "").strip()]
-    auto = env.get("NTK_DISTRIBUTED", "").strip().lower() in ("1", "true", "yes", "auto")
+    auto = env_word("NTK_DISTRIBUTED", environ=env) in ("1", "true", "yes", "auto")
     if not explicit and not auto:
         return None
     kwargs = {}
@@ -143,7 +150,7 @@ def mesh():
     import jax
     from jax.sharding import Mesh
     devices = jax.devices()
-    if len(devices) < 2 or os.environ.get("NTK_DATA_PARALLEL", "1").strip().lower() in ("0", "false", "no"):
+    if len(devices) < 2 or env_word("NTK_DATA_PARALLEL", "1") in ("0", "false", "no"):
         return None
     return Mesh(np.array(devices), (AXIS,))
 

@@ -38,7 +38,7 @@ def prefer_xla_cpu_kernels(environ=None):
     measured on; another jaxlib may not know the flag, and XLA aborts on unknown flags)."""
     env = os.environ if environ is None else environ
     flags = env.get("XLA_FLAGS", "")
-    if YNN_FLAG in flags or env.get("NTK_XLA_CPU_DEFAULTS", "").strip().lower() in ("1", "true", "yes"):
+    if YNN_FLAG in flags or parallel.env_word("NTK_XLA_CPU_DEFAULTS", environ=env) in ("1", "true", "yes"):
         return
     try:
         version = importlib.metadata.version("jaxlib")
