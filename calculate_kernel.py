@@ -20,11 +20,19 @@ Output, under dirname(--model_path)/--bonus_dir/: {save_name}_class_{c}_{n}.pkl,
 Example (the reference README's example 6):
   python3 calculate_kernel.py --model_path ./saved_model_path_phase_1/parameters_checkpoint_20.pkl \\
       --dataset_size 500 --random_seed 0 --class_index 0 --dataset cifar10
+
+With --arch (fc, conv or myrtle) and no --model_path, the kernel is instead the analytic
+infinite-width NTK (or NNGP, --kernel nngp) of that architecture (infinite.py; Tsilivis & Kempe's
+networks), on the same images and in the same file format; the file records `architecture`
+(arch, depth, width, W_std, b_std, parameterization) and `kernel_type` where an empirical kernel
+records its checkpoint, and --bonus_dir is relative to the current directory. Every logit of the
+infinite network has the same kernel, so --class_index only names the file.
 """
 from __future__ import annotations
 
 import os
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -37,13 +45,15 @@ EXAMPLES = [
     "--class_index 0",
     "python calculate_kernel.py --model_path runs/phase1_AC/parameters_final.pkl --dataset_size 100 "
     "--class_index -1 --memory_gb 2",
+    "python calculate_kernel.py --arch myrtle --depth 5 --dataset cifar10 --dataset_size 100 --bonus_dir kernels",
 ]
 
 
 def build_parser():
     p = cli.parser("Finite-width empirical NTK of a checkpoint on a class-balanced subset of the "
                    "training images, for one logit or the mean over logits.", EXAMPLES)
-    p.add_argument("--model_path", required=True, help="checkpoint (parameters_*.pkl) whose NTK is computed")
+    p.add_argument("--model_path", default=None,
+                   help="checkpoint (parameters_*.pkl) whose NTK is computed (or --arch instead)")
     p.add_argument("--dataset_size", type=int, default=500,
                    help="number of training images n (divisible by the number of classes; n/C per class)")
     p.add_argument("--save_name", default="saved_kernel",
@@ -52,7 +62,9 @@ def build_parser():
     p.add_argument("--show_progress", action="store_true",
                    help="also print the engine's plan (layer forms, chunk and panel sizes); the progress "
                         "bar is shown unless --no_progress")
-    p.add_argument("--bonus_dir", default=".", help="sub-directory of the checkpoint's directory for the output")
+    p.add_argument("--bonus_dir", default=".",
+                   help="sub-directory of the checkpoint's directory for the output (with --arch: of the current "
+                        "directory)")
     p.add_argument("--random_seed", type=cli.seed, default=0, help="seed of the image subset")
     p.add_argument("--use_linear_params", action="store_true",
                    help="evaluate the kernel at the checkpoint's 'lin_params' (the trained theta of a phase-2 "
@@ -64,11 +76,37 @@ def build_parser():
                    help="how each layer's share of K is contracted: 'auto' takes the cheaper exact form per "
                         "layer; 'jacobian' contracts plain per-example gradients (slowest; for checks)")
     cli.add_no_progress(p)
+    g = p.add_argument_group("infinite width (instead of --model_path)")
+    g.add_argument("--arch", choices=infinite_arch_names(), default=None,
+                   help="the analytic infinite-width kernel of this architecture: fc = Flatten, depth x "
+                        "[Dense, Relu], Dense; conv = depth x [Conv 3x3 SAME, Relu], Flatten, Dense; myrtle = "
+                        "Myrtle-5/7/10 (average pools, global average pool); --width is then the named hidden width "
+                        "(default 1000; it matters only with --parameterization standard)")
+    g.add_argument("--depth", type=int, default=None, help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
+    g.add_argument("--W_std", type=cli.positive_float, default=2 ** 0.5, help="weight standard deviation")
+    g.add_argument("--b_std", type=float, default=0.1, help="bias standard deviation (0: no bias)")
+    g.add_argument("--parameterization", choices=("ntk", "standard"), default="ntk",
+                   help="stax's parameterizations; in 'standard' the NTK depends on --width (default there: 1000)")
+    g.add_argument("--kernel", choices=("ntk", "nngp"), default="ntk", help="which infinite-width kernel")
+    g.add_argument("--float64", action="store_true",
+                   help="compute in float64 (slower; for ridgeless regression on ill-conditioned kernels)")
     return p
+
+
+def infinite_arch_names():
+    return ("fc", "conv", "myrtle")
 
 
 def output_path(model_path, bonus_dir, save_name, class_index, n):
     return os.path.join(cli.output_dir(model_path, bonus_dir), f"{save_name}{cli.class_suffix(class_index, n)}.pkl")
+
+
+class KernelSource(NamedTuple):
+    """What kernel_images needs of a network: a checkpoints.Network, or an architecture."""
+    dataset: str
+    num_classes: int
+    input_shape: tuple | None   # None: any (an architecture takes the dataset's images)
+    path: str
 
 
 def kernel_images(args, net):
@@ -84,7 +122,7 @@ def kernel_images(args, net):
         raise UserError(f"--dataset_size {args.dataset_size} needs {per_class} images per class but the "
                         f"{net.dataset} training split has only {smallest} of its rarest class: use at most "
                         f"{smallest * net.num_classes}")
-    if ds.input_shape != net.input_shape:
+    if net.input_shape is not None and ds.input_shape != net.input_shape:
         raise UserError(f"{net.dataset} images are {ds.input_shape} but {net.path} was made for {net.input_shape}")
     return data.balanced_subset(ds.x_train, ds.y_train, args.dataset_size, args.random_seed, net.num_classes,
                                 what="--dataset_size")
@@ -101,22 +139,24 @@ def kernel_inputs(args, net):
             "dataset": net.dataset, "model": net.model, "width": net.width}
 
 
-def check_output(out_path, inputs):
+def check_output(out_path, inputs, keys=INPUT_KEYS, way_out=None):
     """The reference's file name is kept, but a kernel of other inputs there (another checkpoint
-    of the same run, another seed) is never replaced: one line says so and how to keep both."""
+    of the same run, another seed, another architecture) is never replaced: one line says so and
+    how to keep both."""
     import utils
     existing = utils.existing_files([out_path])
     recorded = None
     if existing:
         try:
             obj = utils.restricted_load(out_path)
-            recorded = {k: obj[k] for k in INPUT_KEYS} if isinstance(obj, dict) else None
-        except (UserError, KeyError):
+            recorded = {k: obj[k] for k in keys if k in obj} if isinstance(obj, dict) else None
+        except UserError:
             pass
-    stem = os.path.splitext(os.path.basename(inputs["model_path"]))[0].replace("parameters_", "")
-    utils.check_replace(existing, recorded, inputs, "a kernel",
-                        f"to keep both, name this one with --save_name (e.g. --save_name saved_kernel_{stem}) or "
-                        f"--bonus_dir")
+    if way_out is None:
+        stem = os.path.splitext(os.path.basename(inputs["model_path"]))[0].replace("parameters_", "")
+        way_out = (f"to keep both, name this one with --save_name (e.g. --save_name saved_kernel_{stem}) or "
+                   f"--bonus_dir")
+    utils.check_replace(existing, recorded, inputs, "a kernel", way_out)
 
 
 def print_plan(f, params, net, args, n):
@@ -138,6 +178,13 @@ def run(args):
         raise UserError(f"--dataset_size must be >= 1, got {args.dataset_size}")
     if not args.memory_gb > 0:
         raise UserError(f"--memory_gb must be > 0, got {args.memory_gb}")
+    if args.arch is not None:
+        return run_infinite(args)
+    if args.model_path is None:
+        raise UserError("give --model_path (a checkpoint's empirical NTK) or --arch (an infinite-width kernel)")
+    for flag in ("depth", "kernel", "float64"):
+        if getattr(args, flag) != build_parser().get_default(flag):
+            raise UserError(f"--{flag} is for infinite-width kernels (--arch); a checkpoint's kernel is its empirical NTK")
     net = checkpoints.open_network(args.model_path, model=args.model, width=args.width, dataset=args.dataset)
     cli.check_class_index(args.class_index, net.num_classes, net.dataset)
     x, labels, indices = kernel_images(args, net)
@@ -169,6 +216,74 @@ def run(args):
     evals = np.linalg.eigvalsh(kernel)
     print(f"{len(x)} x {len(x)} kernel in {seconds:.1f} s ({stats['example_gradients']} image gradients); "
           f"eigenvalues {evals[-1]:.4g} .. {evals[0]:.4g}, trace {np.trace(kernel):.4g}")
+    print(f"wrote {out_path}")
+    result["path"] = out_path
+    return result
+
+
+def architecture_record(args, width):
+    """What an infinite-width kernel is made from, as the file records it."""
+    return {"arch": args.arch, "depth": args.depth, "width": width, "W_std": float(args.W_std),
+            "b_std": float(args.b_std), "parameterization": args.parameterization}
+
+
+def run_infinite(args):
+    """The analytic infinite-width kernel of --arch on the kernel images; saved like run()."""
+    import data
+    import infinite
+    import utils
+
+    if args.model_path is not None:
+        raise UserError("--arch and --model_path exclude each other: --arch computes the infinite-width kernel "
+                        "of an architecture, --model_path the empirical NTK of a checkpoint")
+    if args.model is not None:
+        raise UserError("--model names a checkpoint's network; with --arch the network is --arch/--depth")
+    if args.depth is None:
+        raise UserError(f"--arch {args.arch} needs --depth"
+                        + (" (5, 7 or 10)" if args.arch == "myrtle" else " (the number of hidden layers)"))
+    if args.arch == "myrtle" and args.depth not in infinite.MYRTLE_FACTORS:
+        raise UserError(f"--depth {args.depth}: a Myrtle network has depth 5, 7 or 10")
+    if args.depth < 1:
+        raise UserError(f"--depth must be >= 1, got {args.depth}")
+    if args.b_std < 0:
+        raise UserError(f"--b_std must be >= 0, got {args.b_std}")
+    if args.use_linear_params:
+        raise UserError("--use_linear_params selects a checkpoint's parameters; an infinite-width kernel has none")
+    width = 1000 if args.width is None else args.width
+    dataset = args.dataset or "cifar10"
+    num_classes = data.num_classes_of(dataset)
+    cli.check_class_index(args.class_index, num_classes, dataset)
+    net = infinite.architecture(args.arch, args.depth, width=width, W_std=args.W_std, b_std=args.b_std or None,
+                                parameterization=args.parameterization)
+    record = architecture_record(args, width)
+    x, labels, indices = kernel_images(args, KernelSource(dataset, num_classes, None, "--arch"))
+    try:
+        infinite.output_shape(net.kernel_fn.ops, x.shape[1:])
+    except ValueError as e:
+        raise UserError(f"--arch {args.arch} --depth {args.depth} on {dataset}: {e}") from None
+    out_path = os.path.normpath(os.path.join(os.path.abspath(args.bonus_dir),
+                                             f"{args.save_name}{cli.class_suffix(args.class_index, args.dataset_size)}.pkl"))
+    inputs = {"model_path": None, "use_linear_params": False, "class_index": args.class_index,
+              "dataset_size": args.dataset_size, "random_seed": args.random_seed, "dataset": dataset,
+              "model": f"infinite-{args.arch}", "width": width, "architecture": record, "kernel_type": args.kernel}
+    check_output(out_path, inputs, keys=INPUT_KEYS + ("architecture", "kernel_type"),
+                 way_out="to keep both, name this one with --save_name or --bonus_dir")
+    utils.check_writable_dir(os.path.dirname(out_path), "--bonus_dir")
+    print(f"infinite-width {args.kernel.upper()} of {args.arch} depth {args.depth} ({args.parameterization}, W_std "
+          f"{args.W_std:g}, b_std {args.b_std:g}) on {len(x)} {dataset} training images")
+    stats = {}
+    t0 = time.time()
+    kernel = net.kernel_fn(x, get=args.kernel, memory_gb=args.memory_gb, dtype="float64" if args.float64 else "float32",
+                           progress=not args.no_progress, stats=stats)
+    seconds = time.time() - t0
+    if not np.all(np.isfinite(kernel)):
+        raise UserError("the infinite-width kernel holds non-finite values: check --W_std and --b_std")
+    result = {**inputs, "kernel": np.asarray(kernel, np.float64), "labels": labels, "indices": indices,
+              "num_classes": num_classes, "seconds": seconds, "engine": stats}
+    utils.atomic_pickle(out_path, result)
+    evals = np.linalg.eigvalsh(result["kernel"])
+    print(f"{len(x)} x {len(x)} kernel in {seconds:.1f} s; eigenvalues {evals[-1]:.4g} .. {evals[0]:.4g}, "
+          f"trace {np.trace(result['kernel']):.4g}")
     print(f"wrote {out_path}")
     result["path"] = out_path
     return result
