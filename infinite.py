@@ -62,10 +62,11 @@ MYRTLE_FACTORS = {5: (1, 1, 1), 7: (1, 2, 2), 10: (2, 3, 3)}
 # The inputs' NTK: zero (a marker, so no layer transforms an array of zeros).
 ZERO = object()
 # Kernel entries per block of image pairs (or of images, for their own covariances). Every layer
-# is a pass over a block's entries, so blocks that stay in the CPU's caches are fastest: on a
-# 2-core AMD EPYC, Conv-4 took 39 us a pair in blocks of 16 x 16 pairs (256K entries) and 54 us in
-# blocks of 63 x 63 (4M); Myrtle-5 (1M entries a pair) 41 ms a pair alone, 50 ms in 5 x 5 blocks.
+# is a pass over a block's entries, so blocks that stay in the CPU's caches are fastest
+# (bench/README.md). A network whose kernels are one number per pair throughout (FC) is instead
+# dominated by the inputs' Gram matrix, which runs faster as fewer, larger matrix products.
 BLOCK_ENTRIES = 2 ** 18
+FLAT_BLOCK_PAIRS = 2 ** 21
 # Floats held per pair of images per propagated entry (K, T, the layer's temporaries).
 _FLOATS_PER_ENTRY = 8
 
@@ -649,11 +650,12 @@ class KernelFn:
             var_fn, pair_fn = _jitted(self.ops, x1.shape[1:])
             q1 = _variances_in_blocks(var_fn, x1, bq)
             q2 = q1 if symmetric else _variances_in_blocks(var_fn, x2, bq)
-            ids1, ids2 = _image_ids(x1, x2)
+            ids1, ids2 = _image_ids(x1, None if symmetric else x2)
+            keep = len(x2) * per_image <= budget / 4
             nngp, ntk, blocks = _pairs_in_blocks(pair_fn, x1, x2, q1, q2, ids1, ids2, b1, b2, symmetric, progress,
-                                                 dtype)
+                                                 dtype, keep)
         if stats is not None:
-            stats.update(block=(b1, b2), image_block=bq, blocks=blocks, devices=parallel.num_devices(),
+            stats.update(block=(b1, b2), image_block=bq, blocks=blocks, columns_kept=keep, devices=parallel.num_devices(),
                          forms=[s.form for s in steps], floats_per_pair=per_pair, dtype=dtype.name,
                          seconds=time.time() - t0)
         return {"nngp": nngp, "ntk": ntk}
@@ -665,10 +667,11 @@ def _round_up(n, m):
 
 def _block_sizes(n1, n2, per_pair, budget, symmetric):
     """Block sides (b1, b2): at most `budget` floats and BLOCK_ENTRIES kernel entries a block
-    (larger blocks only add memory traffic: every layer is a pass over the block's entries),
-    sides splitting the sizes evenly, b1 a multiple of the device count."""
+    (FLAT_BLOCK_PAIRS pairs where a pair's kernel is one number throughout), sides splitting the
+    sizes evenly, b1 a multiple of the device count."""
     d = parallel.num_devices()
-    pairs = max(1, min(int(budget // per_pair), BLOCK_ENTRIES * _FLOATS_PER_ENTRY // per_pair))
+    cap = FLAT_BLOCK_PAIRS if per_pair == _FLOATS_PER_ENTRY else BLOCK_ENTRIES * _FLOATS_PER_ENTRY // per_pair
+    pairs = max(1, min(int(budget // per_pair), cap))
     side = max(1, math.isqrt(pairs))
 
     def split(n, b):
@@ -703,35 +706,44 @@ def _variances_in_blocks(var_fn, x, block):
     return [np.concatenate(qs) for qs in zip(*parts)]
 
 
-def _image_ids(x1, x2):
-    """Integer ids equal exactly for identical images (by their bytes), across x1 and x2."""
-    rows = np.concatenate([x1.reshape(len(x1), -1), x2.reshape(len(x2), -1)])
-    rows = np.ascontiguousarray(rows).view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))
+def _image_ids(x1, x2=None):
+    """Integer ids equal exactly for identical images (by their bytes), across x1 and x2 (None:
+    x1 alone, whose ids serve for both)."""
+    both = x1 if x2 is None else np.concatenate([x1, x2])
+    rows = np.ascontiguousarray(both.reshape(len(both), -1))
+    rows = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1])))
     ids = np.unique(rows.ravel(), return_inverse=True)[1].astype(np.int32)
-    return ids[:len(x1)], ids[len(x1):]
+    return (ids, ids) if x2 is None else (ids[:len(x1)], ids[len(x1):])
 
 
-def _pairs_in_blocks(pair_fn, x1, x2, q1, q2, ids1, ids2, b1, b2, symmetric, progress, dtype):
-    """K and T [n1, n2]: blocks (i, j) of b1 x b2 pairs (j >= i when symmetric, then mirrored)."""
+def _pairs_in_blocks(pair_fn, x1, x2, q1, q2, ids1, ids2, b1, b2, symmetric, progress, dtype, keep_columns):
+    """K and T [n1, n2]: blocks (i, j) of b1 x b2 pairs (j >= i when symmetric, then mirrored);
+    keep_columns: keep x2's blocks on the devices for every row of blocks."""
     n1, n2 = len(x1), len(x2)
     rows, cols = range(0, n1, b2 if symmetric else b1), range(0, n2, b2)
     todo = [(r, c) for r in rows for c in cols if not symmetric or c >= r]
     nngp, ntk = np.zeros((n1, n2), dtype), np.zeros((n1, n2), dtype)
-    size1 = b1
+    size1, step1 = b1, b2 if symmetric else b1
+
+    @functools.lru_cache(maxsize=1)          # a row's blocks go to the devices once,
+    def row(lo):
+        return parallel.shard_batch([_pad_to(a[lo:lo + step1], size1) for a in [x1, *q1]])[0]
+
+    @functools.lru_cache(maxsize=None if keep_columns else 1)   # and the columns' when they fit
+    def col(lo):
+        return parallel.replicate([jnp.asarray(_pad_to(a[lo:lo + b2], b2)) for a in [x2, *q2]])
+
     for r, c in tqdm(todo, desc="infinite-width kernel", unit="block", disable=not progress):
-        lo1, hi1 = r, min(n1, r + (b2 if symmetric else b1))
+        lo1, hi1 = r, min(n1, r + step1)
         lo2, hi2 = c, min(n2, c + b2)
-        xa = parallel.shard_batch(_pad_to(x1[lo1:hi1], size1))[0]
-        qa = [parallel.shard_batch(_pad_to(q[lo1:hi1], size1))[0] for q in q1]
-        xb = parallel.replicate(_pad_to(x2[lo2:hi2], b2))
-        qb = [parallel.replicate(_pad_to(q[lo2:hi2], b2)) for q in q2]
+        (xa, *qa), (xb, *qb) = row(r), col(c)
         same = parallel.shard_batch(_pad_to(ids1[lo1:hi1], size1)[:, None] == _pad_to(ids2[lo2:hi2], b2)[None])[0]
         k, t = pair_fn(xa, xb, qa, qb, same)
         k = np.asarray(parallel.to_host(k))[:hi1 - lo1, :hi2 - lo2]
         t = np.asarray(parallel.to_host(t))[:hi1 - lo1, :hi2 - lo2]
+        if symmetric and r == c:  # a diagonal block, computed whole: made exactly symmetric
+            k, t = (k + k.T) / 2, (t + t.T) / 2
         nngp[lo1:hi1, lo2:hi2], ntk[lo1:hi1, lo2:hi2] = k, t
         if symmetric:
             nngp[lo2:hi2, lo1:hi1], ntk[lo2:hi2, lo1:hi1] = k.T, t.T
-    if symmetric:  # the diagonal blocks were computed whole: make them exactly symmetric
-        nngp, ntk = (nngp + nngp.T) / 2, (ntk + ntk.T) / 2
     return nngp, ntk, len(todo)

@@ -77,16 +77,18 @@ def test_self_kernel_is_symmetric_psd_and_equals_x_against_x(arch, depth):
         assert _rel(k, getattr(both, name)) < 1e-12
 
 
-def test_blocks_equal_the_one_expression_path():
-    """A budget that forces many small blocks (and a short last one) changes nothing."""
+@pytest.mark.parametrize("memory_gb, columns_kept", [(2e-4, False), (2e-3, True)])
+def test_blocks_equal_the_one_expression_path(memory_gb, columns_kept):
+    """A budget that forces many small blocks (and a short last one) changes nothing, whether
+    x2's blocks stay on the device for every row of blocks or are sent again."""
     x = _images(11)
     kfn = infinite.architecture("myrtle", 5).kernel_fn
     stats = {}
-    blocked = kfn(x[:7], x[7:], get="ntk", memory_gb=2e-4, stats=stats)
-    assert stats["blocks"] > 4
+    blocked = kfn(x[:7], x[7:], get="ntk", memory_gb=memory_gb, stats=stats)
+    assert stats["blocks"] > 1 and stats["columns_kept"] == columns_kept
     traced = jax.jit(lambda a, b: kfn(a, b, get="ntk"))(x[:7], x[7:])
     assert _rel(blocked, np.asarray(traced)) < 1e-6
-    sym = kfn(x, get="nngp", memory_gb=2e-4)
+    sym = kfn(x, get="nngp", memory_gb=memory_gb)
     assert _rel(sym, np.asarray(jax.jit(lambda a: kfn(a, get="nngp"))(x))) < 1e-6
 
 
