@@ -84,7 +84,7 @@ def build_parser():
                    "exact commands. Flags left unset take the preset's value.", EXAMPLES)
     g = p.add_argument_group("grid")
     g.add_argument("--preset", default="digits",
-                   help=f"sizes and settings: {', '.join(PRESETS)} (README: Reproducing the paper)")
+                   help=f"sizes and settings: {', '.join(PRESETS)} (docs/reproducing.md)")
     g.add_argument("--out_dir", default=None,
                    help="directory of the grid: one sub-directory per cell, and report/ (default: grid_{preset})")
     g.add_argument("--kernel_epochs", type=float, nargs="+", default=None,

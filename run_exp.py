@@ -1,5 +1,5 @@
 """Phase-1 and phase-2 training of Loo et al. (2022), standard or adversarial, in standard,
-linearized or centered dynamics. See README.md for the flags and the files written."""
+linearized or centered dynamics. See docs/scripts.md for the flags and the files written."""
 from __future__ import annotations
 
 import json

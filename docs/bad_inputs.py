@@ -1,10 +1,10 @@
-"""Print the README's bad-input table by running every bad input through the real scripts.
+"""Print docs/bad_input.md's table by running every bad input through the real scripts.
 
     python docs/bad_inputs.py > /tmp/bad_inputs.md      # a few minutes on 2 CPU cores
 
 It makes a scratch directory holding two tiny digits runs, a kernel file and some broken files,
 runs each command there (so the messages show short relative paths; an absolute path into it is
-shown as <scratch>), and checks what the README
+shown as <scratch>), and checks what docs/bad_input.md
 promises: exit status 2, exactly one line on stderr starting with "error: ", no traceback, and no
 file in the scratch directory changed, added or removed, and no folder created. It fails loudly if any row breaks that promise. The last
 column names the test that asserts the same message in CI (this script is not a test: it takes

@@ -1,6 +1,6 @@
-"""Print the README's flag tables from the scripts' own argparse parsers:
+"""Print the flag tables of docs/scripts.md from the scripts' own argparse parsers:
     python docs/flag_tables.py > /tmp/flags.md
-tests/test_readme.py checks that the README names every flag these parsers define."""
+tests/test_readme.py checks that docs/scripts.md names every flag these parsers define."""
 import argparse
 import os
 import sys

@@ -2,7 +2,7 @@
 script's own argparse definition (real flags with values of the wrong type, out-of-range and
 negative numbers, NaN and infinities, empty strings, nonexistent paths, directories, and files of
 the wrong kind: a kernel file, a results pickle, a PNG, a truncated pickle, an empty file, a
-hostile pickle, adversarial examples, a JSON file) and asserts what README's "Bad input" promises:
+hostile pickle, adversarial examples, a JSON file) and asserts what docs/bad_input.md promises:
 
 - exit status 0 or 2, never a traceback;
 - on exit 2, exactly one line on stderr (`error: ...`);

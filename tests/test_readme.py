@@ -1,6 +1,8 @@
-"""The README stays true: it names every flag of every script, and its two commands are the ones
-CI runs."""
+"""The README and docs/ stay true: docs/scripts.md names every flag of every script, the README is
+one screenful per idea with a contents list, every relative link resolves, and the README's two
+commands are the ones CI runs."""
 import os
+import re
 import sys
 
 from conftest import ROOT
@@ -8,22 +10,61 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "docs"))
 
 
-def readme():
-    with open(os.path.join(ROOT, "README.md")) as f:
+def read(path="README.md"):
+    with open(os.path.join(ROOT, path)) as f:
         return f.read()
 
 
-def test_readme_names_every_flag():
+def test_docs_name_every_flag():
     import flag_tables
-    text = readme()
+    text = read("docs/scripts.md")
     missing = [f"{title} {a.option_strings[-1]}" for title, p in flag_tables.parsers()
                for a in flag_tables.options(p) if a.option_strings[-1] not in text]
-    assert not missing, f"flags missing from README.md (regenerate with docs/flag_tables.py): {missing}"
-    assert "@@" not in text, "README.md has an unfilled placeholder"
+    assert not missing, f"flags missing from docs/scripts.md (regenerate with docs/flag_tables.py): {missing}"
+    assert "@@" not in text, "docs/scripts.md has an unfilled placeholder"
+
+
+def test_readme_is_short_with_a_contents_list():
+    text = read()
+    assert text.count("\n") <= 300, "README.md is over 300 lines: move the detail to docs/"
+    contents = text[text.index("**Contents:**"):text.index("## Two commands")]
+    headings = re.findall(r"^## (.+)$", text, flags=re.M)
+    for h in headings:
+        assert f"(#{anchor(h)})" in contents, f"README's contents list lacks '{h}'"
+
+
+def anchor(heading):
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+DOCS = ["README.md", "bench/README.md"] + [f"docs/{f}" for f in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                                           if f.endswith(".md")]
+
+
+def test_every_relative_link_resolves():
+    """Links between README.md, docs/ and bench/ point at files that exist and headings they hold."""
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)\s]+)\)", read(doc)):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, frag = target.partition("#")
+            full = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path else \
+                os.path.join(ROOT, doc)
+            if not os.path.exists(full):
+                broken.append(f"{doc}: {target} (no file)")
+            elif frag and full.endswith(".md"):
+                with open(full) as f:
+                    anchors = {anchor(h) for h in re.findall(r"^#+ (.+)$", f.read(), flags=re.M)}
+                if frag not in anchors:
+                    broken.append(f"{doc}: {target} (no heading)")
+    assert not broken, broken
 
 
 def test_readme_commands_are_what_ci_runs():
-    text = readme()
+    text = read()
     assert "pip install -r requirements.txt && bash demo.sh" in text
     assert "python -m pytest -q" in text
     with open(os.path.join(ROOT, ".ci", "run")) as f:
