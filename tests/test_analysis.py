@@ -144,6 +144,7 @@ def _args(argv):
     return analyze_ntk.build_parser().parse_args(argv + ["--no_progress"])
 
 
+@pytest.mark.slow   # end to end
 def test_dynamics_script_orders_checkpoints_caches_and_overlays_runs(tiny_run, tmp_path):
     pytest.importorskip("ntk")
     import json

@@ -3,7 +3,11 @@ and figures are produced."""
 import os
 import subprocess
 
+import pytest
+
 from conftest import ROOT
+
+pytestmark = pytest.mark.slow   # end to end: `pytest -m "not slow"` skips it
 
 
 def test_demo_quick(tmp_path):

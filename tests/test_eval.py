@@ -63,6 +63,7 @@ def _outputs(model_path, bonus_dir, save_name):
     return res, summary, adv
 
 
+@pytest.mark.slow   # end to end
 def test_dumped_examples_reproduce_robust_accuracy_and_transfer(ckpts):
     eps = 20.0   # in 1/255: large enough on 8x8 digits for the attack to bite
     run_eval("--model_path", ckpts["a"], "--save_examples", "--bonus_dir", "out", "--save_name", "a",
@@ -170,6 +171,7 @@ def test_bad_inputs_are_clear_errors(ckpts, tmp_path, capsys):
     assert "mlp_skinny" in capsys.readouterr().err
 
 
+@pytest.mark.slow   # end to end
 def test_readme_example_5_runs_as_written(ckpts, tmp_path):
     """The reference README's example 5, verbatim, from a directory holding its checkpoint
     (a linearized+centered phase-2 file; its meta says digits, so ./data is not needed)."""

@@ -35,6 +35,8 @@ from hypothesis import strategies as st
 from cli_harness import FIXTURE_SEED, Scratch, call, offline, verdict
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # fuzzing: `pytest -m "not slow"` skips it
+
 EXAMPLES = int(os.environ.get("NTK_FUZZ_EXAMPLES", "10"))
 SEED = os.environ.get("NTK_FUZZ_SEED")
 SCRIPTS = ("run_exp", "eval_and_make_adv", "calculate_kernel", "visualize_ntk_features", "analyze_ntk")

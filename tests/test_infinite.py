@@ -195,6 +195,7 @@ def test_images_too_small_for_the_pools_are_named():
 # --------------------------------------------------------------------------------------
 # calculate_kernel.py --arch
 # --------------------------------------------------------------------------------------
+@pytest.mark.slow   # end to end
 def test_calculate_kernel_writes_an_infinite_kernel_file(tmp_path):
     import data
     import visualize_ntk_features

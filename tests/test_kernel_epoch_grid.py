@@ -15,6 +15,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow   # end to end: `pytest -m "not slow"` skips it
+
 sys.path.insert(0, ROOT)
 
 TINY = ["--preset", "digits", "--phase1_epochs", "1", "--kernel_epochs", "0", "0.5", "--seeds", "0",

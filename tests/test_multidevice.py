@@ -15,6 +15,9 @@ import sys
 import tempfile
 
 import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow   # multi-process: `pytest -m "not slow"` skips it
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 4

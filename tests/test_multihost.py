@@ -31,6 +31,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow   # multi-process: `pytest -m "not slow"` skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB_TIMEOUT = 170  # seconds, per group of jobs
 DEVICES_PER_PROCESS = 2

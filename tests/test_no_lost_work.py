@@ -12,6 +12,8 @@ import utils
 from cli_harness import TINY, Scratch, call, offline, snapshot, verdict
 from utils import UserError
 
+pytestmark = pytest.mark.slow   # end to end: `pytest -m "not slow"` skips it
+
 FINAL = "run/parameters_final.pkl"
 KERNEL = "run/kernels/fixture_class_0_20.pkl"
 

@@ -56,8 +56,10 @@ def _rel(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
-@pytest.mark.parametrize("model,width", [("mlp_skinny", None), ("resnet18", 2)])
-@pytest.mark.parametrize("class_index", [3, -1])
+@pytest.mark.parametrize("model,width,class_index", [
+    ("mlp_skinny", None, 3), ("mlp_skinny", None, -1), ("resnet18", 2, 3),
+    pytest.param("resnet18", 2, -1, marks=pytest.mark.slow),   # the fast loop keeps one ResNet case
+])
 def test_engine_equals_explicit_jacobian_at_params_and_lin_params(digits, model, width, class_index):
     x = jnp.asarray(digits.x_train[:24])
     apply, theta0, theta, state = _network(model, width or 64, x)
@@ -150,6 +152,7 @@ def test_cross_kernel_is_one_function_for_every_checkpoint(digits):
         assert _rel(np.asarray(jitted(v, xa), np.float64), explicit_kernel(f, params, xa, 1, xb)) < 1e-5
 
 
+@pytest.mark.slow   # ResNet-scale; the engine's own ResNet case stays in the fast loop
 def test_reference_kernel_is_the_gram_of_the_kept_rows(digits):
     """ntk.reference_kernel builds K(X, X) from the rows cross_kernel keeps (in blocks, the last
     one short): the explicit kernel, exactly symmetric, for one class and for all of them."""
@@ -190,6 +193,7 @@ def _args(argv):
     return calculate_kernel.build_parser().parse_args(argv)
 
 
+@pytest.mark.slow   # end to end
 def test_script_writes_the_documented_file(checkpoint, digits):
     path, apply, theta0, theta, state = checkpoint
     out = calculate_kernel.run(_args(["--model_path", path, "--dataset_size", "30", "--class_index", "4",

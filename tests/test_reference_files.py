@@ -83,6 +83,7 @@ def test_reference_checkpoint_gives_the_reference_logits(reference_mlp, dynamics
     np.testing.assert_allclose(logits, expected, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.slow   # end to end
 def test_reference_checkpoint_runs_through_all_five_scripts(reference_mlp, tmp_path):
     path, _, _ = reference_mlp
     common = ["--model", "mlp_skinny", "--dataset", "digits", "--no_progress"]

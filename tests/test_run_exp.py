@@ -23,6 +23,8 @@ import train as training
 import utils
 from utils import UserError
 
+pytestmark = pytest.mark.slow   # end to end: `pytest -m "not slow"` skips it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
 # 200 train images in 4 batches of 50, 100 test images, 2-step evaluation attacks.

@@ -150,6 +150,7 @@ def test_kernel_weights_exact_for_diagonal_and_ridge_only_when_needed():
         viz.kernel_weights(evals, evecs, y, ridge=0.0)
 
 
+@pytest.mark.slow   # end to end
 def test_end_to_end_resnet_writes_images_cosines_and_png(tmp_path, capsys):
     import matplotlib.image as mpimg
     ckpt, kpath, _ = _setup(tmp_path, model="resnet18", width=2, n=20, class_index=2)
