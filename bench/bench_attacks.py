@@ -83,6 +83,7 @@ def make_runner(args):
     import numpy as np
 
     import attacks
+    import autoattack
     import data
     import models
 
@@ -101,11 +102,11 @@ def make_runner(args):
         if name == "pgd":
             return attacks.pgd(predict, variables, x, y, key, eps, 2 * eps / steps, steps=steps, norm="linf")
         if name in ("apgd-ce", "apgd-dlr"):
-            return attacks.apgd(predict, variables, x, y, key, eps, steps=steps, norm="linf",
-                                loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=0)
+            return autoattack.apgd(predict, variables, x, y, key, eps, steps=steps, norm="linf",
+                                   loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=0)
         if name == "fab-t":
-            return attacks.fab_t(predict, variables, x, y, key, eps, steps=steps, norm="linf")
-        return jnp.asarray(attacks.square(predict, variables, x, y, key, eps, queries=steps, norm="linf"))
+            return autoattack.fab_t(predict, variables, x, y, key, eps, steps=steps, norm="linf")
+        return jnp.asarray(autoattack.square(predict, variables, x, y, key, eps, queries=steps, norm="linf"))
     return runner
 
 

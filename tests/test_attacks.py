@@ -10,6 +10,7 @@ import optax
 import pytest
 
 import attacks
+import autoattack
 import cli
 import data
 import models
@@ -76,8 +77,8 @@ def exact_linf_robust(w, b, x, y, eps):
 
 def test_apgd_checkpoints_follow_the_paper():
     # p = 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 (Croce & Hein 2020, Sec. 3.2)
-    assert attacks.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
-    w = attacks.apgd_checkpoints(7)
+    assert autoattack.apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    w = autoattack.apgd_checkpoints(7)
     assert w == sorted(set(w)) and all(1 <= c <= 7 for c in w)
 
 
@@ -145,7 +146,7 @@ def test_fab_reaches_the_minimum_norm_boundary_of_a_linear_classifier(linear_mod
     variables = (params, params, state)
     found = np.full(len(x), np.inf)
     for rank in range(9):   # FAB-T over every other class: the untargeted minimum
-        x_best, dist = attacks.fab_min_norm(predict, variables, x, y, jax.random.PRNGKey(0), 0.1, steps=20,
+        x_best, dist = autoattack.fab_min_norm(predict, variables, x, y, jax.random.PRNGKey(0), 0.1, steps=20,
                                             norm=norm, target_rank=rank)
         dist = np.asarray(dist)
         # The reported distance is that of a returned point, which is misclassified and in [0, 1].
@@ -194,7 +195,7 @@ def test_projection_onto_the_boundary_is_the_least_norm_step_in_the_box():
     b = (np.sum(w * p, 1) + rng.normal(size=n)).astype(np.float32)
     b[5] = 100.0                                      # out of the box's reach
     for norm in ("linf", "l2"):
-        step = np.asarray(attacks.project_onto_hyperplane_box(jnp.asarray(p), jnp.asarray(w), jnp.asarray(b), norm))
+        step = np.asarray(autoattack.project_onto_hyperplane_box(jnp.asarray(p), jnp.asarray(w), jnp.asarray(b), norm))
         z = p + step
         assert z.min() >= -1e-6 and z.max() <= 1 + 1e-6
         np.testing.assert_allclose(np.sum(w[:5] * z[:5], 1), b[:5], atol=1e-4)
@@ -230,7 +231,8 @@ def test_square_l2_pattern_is_the_papers_eta():
         eta /= np.sqrt((eta ** 2).sum())
         top, left, flip = np.array([0, h - s, 2 % (h - s + 1)]), np.array([h - s, 0, 1 % (h - s + 1)]), np.array(
             [False, True, True])
-        got = np.asarray(attacks._l2_pattern(jnp.asarray(top), jnp.asarray(left), s, jnp.asarray(flip), h, h))[..., 0]
+        got = autoattack._l2_pattern(jnp.asarray(top), jnp.asarray(left), s, jnp.asarray(flip), h, h)
+        got = np.asarray(got)[..., 0]
         for n in range(3):
             want = np.zeros((h, h))
             want[top[n]:top[n] + s, left[n]:left[n] + s] = eta.T if flip[n] else eta
@@ -399,12 +401,12 @@ def test_host_and_fori_loops_give_the_same_iterates(name, mlp_model, digits, mon
         if name == "pgd":
             out[mode] = attacks.pgd(predict, variables, x, y, key, eps, 0.02, steps=7)
         elif name == "fab-t":
-            out[mode] = attacks.fab_min_norm(predict, variables, x, y, key, eps, steps=7, target_rank=1)[0]
+            out[mode] = autoattack.fab_min_norm(predict, variables, x, y, key, eps, steps=7, target_rank=1)[0]
         elif name == "square":   # 150 queries: two chunks between the early-stopping checks
-            out[mode] = attacks.square(predict, variables, x, y, key, eps, queries=150)
+            out[mode] = autoattack.square(predict, variables, x, y, key, eps, queries=150)
         else:
-            out[mode] = attacks.apgd(predict, variables, x, y, key, eps, steps=9,
-                                     loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=1)
+            out[mode] = autoattack.apgd(predict, variables, x, y, key, eps, steps=9,
+                                        loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=1)
     assert not np.allclose(out["host"], x)            # the attack moved the images
     np.testing.assert_allclose(out["host"], out["fori"], atol=1e-6)
     monkeypatch.setenv("NTK_ATTACK_LOOP", "sometimes")
