@@ -65,14 +65,29 @@ def distance_matrix(kernels):
     return d
 
 
-def eigh_desc(k):
-    """Eigen-decomposition of a symmetric matrix, eigenvalues in descending order.
+def eigh_desc(k, fix_signs=False):
+    """Eigen-decomposition of the symmetric part of `k`, eigenvalues in descending order.
 
-    Returns (evals [n], evecs [n, n]) with evecs[:, i] the i-th eigenvector."""
+    Returns (evals [n], evecs [n, n]) with evecs[:, i] the i-th eigenvector. `fix_signs`: each
+    eigenvector's sign is chosen so that its largest-magnitude entry is positive (eigh's sign is
+    arbitrary), for outputs that show an eigenvector itself."""
     k = np.asarray(k, np.float64)
     k = 0.5 * (k + k.T)
     evals, evecs = np.linalg.eigh(k)
-    return evals[::-1].copy(), evecs[:, ::-1].copy()
+    evals, evecs = evals[::-1].copy(), evecs[:, ::-1].copy()
+    if fix_signs:
+        pivot = evecs[np.argmax(np.abs(evecs), axis=0), np.arange(evecs.shape[1])]
+        evecs *= np.where(pivot < 0, -1.0, 1.0)[None, :]
+    return evals, evecs
+
+
+def eigen_solve(evals, evecs, targets, shift=0.0):
+    """(coefs, w) with coefs = U^T Y / (lambda + shift) and w = U coefs = (K + shift I)^-1 Y, from
+    K's eigen-decomposition; `targets` Y is [n] or [n, m] (coefs and w take its shape)."""
+    y = np.asarray(targets, np.float64)
+    denom = evals + shift
+    coefs = (evecs.T @ y) / (denom if y.ndim == 1 else denom[:, None])
+    return coefs, evecs @ coefs
 
 
 def eigenspace_part(k, k_count, which="top"):
@@ -157,9 +172,7 @@ def fit_kernel_predictor(k_train_train, y_targets, ridge):
     if np.any(shifted <= 0):
         raise ValueError(f"K + ridge I is not positive definite (smallest eigenvalue {shifted.min():.3g}); "
                          "increase the ridge")
-    y_targets = np.asarray(y_targets, np.float64)
-    coefs = (evecs.T @ y_targets) / shifted[:, None]   # [n, C]
-    alpha = evecs @ coefs                             # [n, C]
+    coefs, alpha = eigen_solve(evals, evecs, y_targets, ridge)   # [n, C] each
     return EigenPredictor(evals=evals, evecs=evecs, coefs=coefs, alpha=alpha, ridge=float(ridge))
 
 

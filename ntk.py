@@ -64,8 +64,8 @@ from cli import DEFAULT_MEMORY_GB, NTK_METHODS as METHODS
 # that the transient activations stay a fraction of the budget.
 MAX_CHUNK = 64
 # Rows per contraction block. Contracting is memory-bound on CPUs (each pair of blocks reads
-# both blocks' rows once), so several chunks are gathered into one block: 15x15 blocks ran at
-# 9 GFLOP/s on the 2-core CPU, 60x60 blocks at about four times that.
+# both blocks' rows once), so several chunks are gathered into one block (larger blocks ran
+# about four times faster than 15 x 15 ones; bench/README.md).
 BLOCK_ROWS = 64
 
 

@@ -23,9 +23,8 @@ class UserError(Exception):
 
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, dots and reductions to YNNPACK by default. On this
-# project's workloads XLA's own kernels are faster: on a 2-core AMD EPYC (bench/README.md,
-# "XLA:CPU's kernels") the ResNet-18 phase-1 train step by 1.56x, the linearized step by ~1.25x,
-# PGD-20 by 1.56x and the 100-image NTK by 1.48x. An empty list of YNN fusion types turns YNNPACK
+# project's workloads XLA's own kernels are faster (train steps, PGD and the NTK alike; figures
+# in bench/README.md, "XLA:CPU's kernels"). An empty list of YNN fusion types turns YNNPACK
 # off; only XLA_FLAGS is touched, so GPUs are unaffected. It must be set before JAX creates its
 # CPU backend, which is why it happens here, on import of the module every other module imports
 # first.

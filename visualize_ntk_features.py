@@ -102,21 +102,6 @@ def build_parser():
 # --------------------------------------------------------------------------------------
 # Linear algebra on the host (float64)
 # --------------------------------------------------------------------------------------
-def sorted_eigh(kernel):
-    """Eigendecomposition of the symmetric part of `kernel` [n, n].
-
-    Returns (eigenvalues [n] descending, eigenvectors [n, n] as columns). Each eigenvector's
-    sign is fixed so that its largest-magnitude entry is positive (eigh's sign is arbitrary).
-    """
-    k = np.asarray(kernel, dtype=np.float64)
-    evals, evecs = np.linalg.eigh(0.5 * (k + k.T))
-    order = np.argsort(evals)[::-1]
-    evals, evecs = evals[order], evecs[:, order]
-    pivot = evecs[np.argmax(np.abs(evecs), axis=0), np.arange(evecs.shape[1])]
-    evecs = evecs * np.where(pivot < 0, -1.0, 1.0)[None, :]
-    return evals, evecs
-
-
 def kernel_weights(evals, evecs, targets, ridge):
     """Kernel-regression weights w = K^{-1} targets from K's eigendecomposition.
 
@@ -138,9 +123,8 @@ def kernel_weights(evals, evecs, targets, ridge):
     if np.any(denom <= 0):
         raise UserError(f"the kernel has eigenvalues down to {lam_min:.3g}, too negative for "
                         f"--ridge {ridge:g}; pass a larger --ridge")
-    w = evecs @ ((evecs.T @ np.asarray(targets, dtype=np.float64)) / (denom if np.ndim(targets) == 1
-                                                                        else denom[:, None]))
-    return w, shift
+    import kernel_analysis
+    return kernel_analysis.eigen_solve(evals, evecs, targets, shift or 0.0)[1], shift
 
 
 # --------------------------------------------------------------------------------------
@@ -166,8 +150,8 @@ def _stacked_pullback(pullback, cotangent, k):
 def resolve_loop(loop):
     """'fori' or 'host' for `--loop`; 'auto' is attacks.loop_mode(): 'host' on CPU, where
     XLA runs the weight-gradient convolutions several times slower inside a while loop
-    (jax-ml/jax#12868; 0.9 s against 0.15-0.25 s per step for the full-width ResNet-18 on a
-    2-core CPU, bench/bench_visualize.py), 'fori' elsewhere."""
+    (jax-ml/jax#12868; figures from bench/bench_visualize.py in bench/README.md), 'fori'
+    elsewhere."""
     if loop == "auto":
         import attacks
         return attacks.loop_mode()
@@ -500,7 +484,8 @@ def run(args):
     f, params = net.kernel_fn(use_lin)
 
     # ---- spectrum and regression weights (host, float64) ----
-    evals, evecs = sorted_eigh(kfile["kernel"])
+    import kernel_analysis
+    evals, evecs = kernel_analysis.eigh_desc(kfile["kernel"], fix_signs=True)
     classes = tuple(range(net.num_classes)) if class_index == -1 else (class_index,)
     targets = (kfile["labels"][:, None] == np.asarray(classes)[None, :]).astype(np.float64)  # [n, k]
     w, ridge_used = kernel_weights(evals, evecs, targets, args.ridge)

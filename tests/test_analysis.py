@@ -50,6 +50,18 @@ def test_eigenspace_parts_add_up_and_have_the_right_rank():
     assert np.linalg.matrix_rank(top) == 3
 
 
+def test_eigh_desc_is_descending_reconstructs_and_fixes_signs():
+    rng = np.random.default_rng(5)
+    k = _random_psd(rng, 12, rank=12)
+    for fix in (False, True):
+        evals, evecs = ka.eigh_desc(k, fix_signs=fix)
+        assert np.all(np.diff(evals) <= 0)
+        np.testing.assert_allclose(evecs @ np.diag(evals) @ evecs.T, 0.5 * (k + k.T), atol=1e-10)
+    plain, fixed = ka.eigh_desc(k)[1], ka.eigh_desc(k, fix_signs=True)[1]
+    assert np.all(fixed[np.argmax(np.abs(fixed), axis=0), np.arange(12)] > 0)
+    np.testing.assert_allclose(np.abs(np.sum(plain * fixed, 0)), 1.0, atol=1e-10)   # the same vectors, up to sign
+
+
 def test_eigenvalue_mass_in_unit_interval_and_monotone():
     rng = np.random.default_rng(3)
     evals = ka.eigh_desc(_random_psd(rng, 30, rank=20))[0]

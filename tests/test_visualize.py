@@ -15,6 +15,7 @@ import pytest
 import data
 import models
 import checkpoints
+import kernel_analysis
 import utils
 import visualize_ntk_features as viz
 from utils import UserError
@@ -93,7 +94,7 @@ def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tm
     x = jnp.asarray(ds.x_train[idx])
     for class_index in (3, -1):
         kernel, jac = _explicit_kernel(f, params, x, class_index)  # jac [n, k, P]
-        evals, evecs = viz.sorted_eigh(kernel)
+        evals, evecs = kernel_analysis.eigh_desc(kernel, fix_signs=True)
         classes = tuple(range(10)) if class_index == -1 else (class_index,)
         tools = viz.make_tangent_fns(f, classes)
         u = evecs[:, 0]
@@ -135,14 +136,14 @@ def test_kernel_weights_exact_for_diagonal_and_ridge_only_when_needed():
     rng = np.random.default_rng(0)
     d = rng.uniform(0.5, 5.0, size=12)
     y = (rng.integers(0, 3, size=12) == 1).astype(float)
-    evals, evecs = viz.sorted_eigh(np.diag(d))
+    evals, evecs = kernel_analysis.eigh_desc(np.diag(d), fix_signs=True)
     assert np.all(np.diff(evals) <= 0)
     w, ridge = viz.kernel_weights(evals, evecs, y, ridge=1e-4)
     assert ridge is None
     np.testing.assert_allclose(w, y / d, rtol=1e-13, atol=0)
 
     singular = np.diag(np.r_[d[:-1], 0.0])
-    evals, evecs = viz.sorted_eigh(singular)
+    evals, evecs = kernel_analysis.eigh_desc(singular, fix_signs=True)
     w, ridge = viz.kernel_weights(evals, evecs, y, ridge=1e-4)
     assert ridge == pytest.approx(1e-4 * d[:-1].sum() / 12)
     np.testing.assert_allclose(w, y / (np.r_[d[:-1], 0.0] + ridge), rtol=1e-10)
