@@ -286,15 +286,16 @@ def _loss_and_grad(predict, variables, x, y, target, loss):
 # --------------------------------------------------------------------------------------
 # Loops
 # --------------------------------------------------------------------------------------
-def loop_mode():
+def loop_mode(requested="auto"):
     """'host' (a Python loop over a jitted step) on CPU, 'fori' (one jitted lax.fori_loop)
-    elsewhere; the environment variable NTK_ATTACK_LOOP=fori|host overrides it."""
-    mode = os.environ.get("NTK_ATTACK_LOOP", "auto")
-    if mode not in ("auto", "fori", "host"):
-        raise ValueError(f"NTK_ATTACK_LOOP must be auto, fori or host (got {mode!r})")
-    if mode == "auto":
-        return "host" if jax.default_backend() == "cpu" else "fori"
-    return mode
+    elsewhere; the environment variable NTK_ATTACK_LOOP=fori|host overrides it. A `requested`
+    'fori' or 'host' (a script's --loop) is returned as it is."""
+    for name, value in (("the loop", requested), ("NTK_ATTACK_LOOP", os.environ.get("NTK_ATTACK_LOOP", "auto"))):
+        if value not in ("auto", "fori", "host"):
+            raise ValueError(f"{name} must be auto, fori or host (got {value!r})")
+        if value != "auto":
+            return value
+    return "host" if jax.default_backend() == "cpu" else "fori"
 
 
 def _iterate(step_jit, fori_jit, lo, hi, state, *args, **static):

@@ -463,94 +463,115 @@ def cpu_shares(jobs):
 def execute(cells, markers, jobs, no_progress):
     """Run `cells` (those not complete), each once its dependencies are, at most `jobs` at a time.
     Returns the list of failure statuses."""
-    from tqdm import tqdm
-    waiting = list(cells)
-    failed, running = [], {}
-    count = [0]
-    bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=no_progress or None, dynamic_ncols=True)
+    schedule = _Schedule(cells, markers, no_progress)
+    if jobs == 1:
+        schedule.run_here()
+    else:
+        schedule.run_in_workers(jobs)
+    return schedule.close()
 
-    def finished(cell, st):
-        bar.update()
-        count[0] += 1
-        n = f"[{count[0]}/{len(cells)}]"
+
+class _Schedule:
+    """The cells still to run, those running and those that failed; `markers` (cell name -> its
+    grid_cell.json) grows as cells complete."""
+
+    def __init__(self, cells, markers, no_progress):
+        from tqdm import tqdm
+        self.total, self.markers = len(cells), markers
+        self.waiting, self.failed, self.running, self.count = list(cells), [], {}, 0
+        self.bar = tqdm(total=len(cells), desc="cells", unit="cell", disable=no_progress or None, dynamic_ncols=True)
+        self.write = tqdm.write   # a line above the progress bar
+
+    def finished(self, cell, st):
+        self.bar.update()
+        self.count += 1
+        n = f"[{self.count}/{self.total}]"
         if st["status"] in ("ok", "diverged"):
-            markers[cell.name] = _read_json(os.path.join(cell.dir, MARKER))
-            tqdm.write(f"{n} {cell.name}: {summary_line(cell, st)} ({st['seconds']:.0f} s)")
+            self.markers[cell.name] = _read_json(os.path.join(cell.dir, MARKER))
+            self.write(f"{n} {cell.name}: {summary_line(cell, st)} ({st['seconds']:.0f} s)")
         else:
-            failed.append(st)
-            tqdm.write(f"{n} {cell.name}: FAILED: {st['message']} (log: {os.path.join(cell.dir, LOG)})")
+            self.failed.append(st)
+            self.write(f"{n} {cell.name}: FAILED: {st['message']} (log: {os.path.join(cell.dir, LOG)})")
 
-    def ready():
+    def ready(self):
         """Cells whose dependencies are complete, longest first; drop those whose dependency failed."""
         out = []
-        for c in list(waiting):
-            if any(f["cell"] in c.deps for f in failed):
-                waiting.remove(c)
-                failed.append({"cell": c.name, "status": "skipped", "message": "a cell it needs failed"})
-                bar.update()
-                count[0] += 1
-            elif all(d in markers for d in c.deps):
+        for c in list(self.waiting):
+            if any(f["cell"] in c.deps for f in self.failed):
+                self.waiting.remove(c)
+                self.failed.append({"cell": c.name, "status": "skipped", "message": "a cell it needs failed"})
+                self.bar.update()
+                self.count += 1
+            elif all(d in self.markers for d in c.deps):
                 out.append(c)
         return sorted(out, key=lambda c: -COST[c.kind])
 
-    def deps_of(c):
-        return {d: markers[d]["run_id"] for d in c.deps}
+    def deps_of(self, c):
+        return {d: self.markers[d]["run_id"] for d in c.deps}
 
-    if jobs == 1:
+    def run_here(self):
+        """Every cell in this process, one at a time."""
         utils.enable_compilation_cache()
-        while waiting:
-            nxt = ready()
+        while self.waiting:
+            nxt = self.ready()
             if not nxt:
                 break
-            waiting.remove(nxt[0])
-            bar.set_postfix_str(nxt[0].name)
-            finished(nxt[0], run_cell(nxt[0].spec(), deps_of(nxt[0])))
-    else:
-        import concurrent.futures as cf
+            self.waiting.remove(nxt[0])
+            self.bar.set_postfix_str(nxt[0].name)
+            self.finished(nxt[0], run_cell(nxt[0].spec(), self.deps_of(nxt[0])))
+
+    def run_in_workers(self, jobs):
+        """`jobs` worker processes; a new pool after a worker died (crashed, killed, out of memory)."""
         import multiprocessing as mp
         ctx = mp.get_context("spawn")   # fresh interpreters: JAX must not be forked
         retried = set()
-        while waiting:   # a new pool after a worker died (crashed, killed, out of memory)
-            queue = ctx.Queue()
-            for share in cpu_shares(jobs):
-                queue.put(share)
-            with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-                broken = False
-                while (waiting or running) and not broken:
-                    for c in ready():
-                        if len(running) >= jobs:
-                            break
-                        waiting.remove(c)
-                        running[pool.submit(run_cell, c.spec(), deps_of(c))] = c
-                    bar.set_postfix_str(", ".join(c.name for c in running.values()))
-                    if not running:
+        while self.waiting and self._pool(ctx, jobs, retried):
+            pass
+
+    def _pool(self, ctx, jobs, retried):
+        """Run cells in one pool until none is left or a worker dies; returns whether one died."""
+        import concurrent.futures as cf
+        queue = ctx.Queue()
+        for share in cpu_shares(jobs):
+            queue.put(share)
+        with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            broken = False
+            while (self.waiting or self.running) and not broken:
+                for c in self.ready():
+                    if len(self.running) >= jobs:
                         break
-                    done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                    for fut in done:
-                        cell = running.pop(fut)
-                        try:
-                            finished(cell, fut.result())
-                        except cf.process.BrokenProcessPool:
-                            broken = True
-                            if cell.name in retried:
-                                finished(cell, {"cell": cell.name, "status": "failed",
-                                                "message": "its worker process died twice"})
-                            else:   # once more in the next pool: a crash can be transient
-                                retried.add(cell.name)
-                                waiting.append(cell)
-                                tqdm.write(f"{cell.name}: its worker process died; it runs again")
-                        except Exception as e:   # e.g. its result could not be sent back
-                            finished(cell, {"cell": cell.name, "status": "failed", "message": f"worker failed: {e}"})
-                if broken:   # the other cells of the dead pool run again too
-                    for fut, cell in list(running.items()):
-                        running.pop(fut)
-                        waiting.append(cell)
-            if not broken:
-                break
-    bar.close()
-    for c in waiting:   # only if a dependency never completed
-        failed.append({"cell": c.name, "status": "skipped", "message": "a cell it needs did not complete"})
-    return failed
+                    self.waiting.remove(c)
+                    self.running[pool.submit(run_cell, c.spec(), self.deps_of(c))] = c
+                self.bar.set_postfix_str(", ".join(c.name for c in self.running.values()))
+                if not self.running:
+                    break
+                done, _ = cf.wait(self.running, return_when=cf.FIRST_COMPLETED)
+                for fut in done:
+                    cell = self.running.pop(fut)
+                    try:
+                        self.finished(cell, fut.result())
+                    except cf.process.BrokenProcessPool:
+                        broken = True
+                        if cell.name in retried:
+                            self.finished(cell, {"cell": cell.name, "status": "failed",
+                                                 "message": "its worker process died twice"})
+                        else:   # once more in the next pool: a crash can be transient
+                            retried.add(cell.name)
+                            self.waiting.append(cell)
+                            self.write(f"{cell.name}: its worker process died; it runs again")
+                    except Exception as e:   # e.g. its result could not be sent back
+                        self.finished(cell, {"cell": cell.name, "status": "failed", "message": f"worker failed: {e}"})
+            if broken:   # the other cells of the dead pool run again too
+                for fut, cell in list(self.running.items()):
+                    self.running.pop(fut)
+                    self.waiting.append(cell)
+        return broken
+
+    def close(self):
+        self.bar.close()
+        for c in self.waiting:   # only if a dependency never completed
+            self.failed.append({"cell": c.name, "status": "skipped", "message": "a cell it needs did not complete"})
+        return self.failed
 
 
 def summary_line(cell, st):

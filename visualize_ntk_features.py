@@ -19,7 +19,7 @@ Each step costs one reverse-over-reverse pass: a vjp in theta gives the tangent 
 g = grad_theta f_c(x), from which <g, v> and ||g|| both follow, and its gradient in x is one
 more backward pass. No per-pixel gradients or Jacobians are formed. v is formed once per
 image. The loop runs as one jitted `lax.fori_loop`, or on CPU as a host loop over the jitted
-step (see `resolve_loop`: XLA:CPU is several times slower inside while loops here).
+step (see `attacks.loop_mode`: XLA:CPU is several times slower inside while loops here).
 
 `--class_index -1` (the kernel is the mean over the C logits of the per-class kernels): the
 tangent feature of x is then the stacked (grad f_1(x), ..., grad f_C(x)), whose inner products
@@ -147,25 +147,12 @@ def _stacked_pullback(pullback, cotangent, k):
     return jax.vmap(lambda m: pullback(cotangent * m)[0])(masks)
 
 
-def resolve_loop(loop):
-    """'fori' or 'host' for `--loop`; 'auto' is attacks.loop_mode(): 'host' on CPU, where
-    XLA runs the weight-gradient convolutions several times slower inside a while loop
-    (jax-ml/jax#12868; figures from bench/bench_visualize.py in bench/README.md), 'fori'
-    elsewhere."""
-    if loop == "auto":
-        import attacks
-        return attacks.loop_mode()
-    if loop not in ("fori", "host"):
-        raise UserError(f"--loop must be auto, fori or host, not {loop!r}")
-    return loop
-
-
 class TangentTools(NamedTuple):
     direction: Callable   # (params, x [n,H,W,C], coef [n,k]) -> v, a params tree with leading axis k
     cosine: Callable      # (params, v, x [H,W,C]) -> cos(grad_theta f(x), v)
     ascend: Callable      # (params, v, x0, sign, step_size, steps) -> (x_best, cos_best, history)
     classes: tuple        # the logits whose tangent features are stacked
-    loop: str             # 'fori' or 'host' (resolve_loop)
+    loop: str             # 'fori' or 'host' (attacks.loop_mode)
 
 
 def _make_direction(f, cls):
@@ -212,15 +199,17 @@ def make_tangent_fns(f, classes, loop="auto"):
       x0); x_best [H, W, C] in [0, 1] is the iterate with the largest sign * cosine, cos_best its
       cosine. On smooth landscapes that is the last iterate; on ReLU networks a fixed-size signed
       step can overshoot a kink, and keeping the best iterate costs nothing.
-      `loop` (see `resolve_loop`): 'fori' runs the whole loop as one jitted lax.fori_loop;
+      `loop` (see `attacks.loop_mode`): 'fori' runs the whole loop as one jitted lax.fori_loop;
       'host' dispatches the jitted step from Python, keeping every value on the device.
     """
     import jax
     import jax.numpy as jnp
+
+    import attacks
     classes = tuple(int(c) for c in classes)
     k = len(classes)
     cls = np.asarray(classes)
-    loop = resolve_loop(loop)
+    loop = attacks.loop_mode(loop)
     direction = _make_direction(f, cls)
 
     def cosine(params, v, x):

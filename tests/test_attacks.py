@@ -409,6 +409,9 @@ def test_host_and_fori_loops_give_the_same_iterates(name, mlp_model, digits, mon
                                         loss="ce" if name == "apgd-ce" else "dlr-t", target_rank=1)
     assert not np.allclose(out["host"], x)            # the attack moved the images
     np.testing.assert_allclose(out["host"], out["fori"], atol=1e-6)
+    assert attacks.loop_mode("host") == "host"   # a script's --loop wins over the environment
+    with pytest.raises(ValueError, match="the loop"):
+        attacks.loop_mode("sometimes")
     monkeypatch.setenv("NTK_ATTACK_LOOP", "sometimes")
     with pytest.raises(ValueError, match="NTK_ATTACK_LOOP"):
         attacks.loop_mode()

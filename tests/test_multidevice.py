@@ -27,18 +27,14 @@ DEVICES = 4
 # Worker
 # --------------------------------------------------------------------------------------
 def worker(out_path):
+    """Every piece of work the test compares, on this process's devices, saved to `out_path`."""
     sys.path.insert(0, ROOT)
     import jax
     import jax.numpy as jnp
 
-    import attacks
     import data
     import models
-    import ntk
     import parallel
-    import checkpoints
-    import run_exp
-    import train
 
     res, info = {}, {"devices": jax.device_count(), "parallel_devices": parallel.num_devices()}
 
@@ -50,8 +46,26 @@ def worker(out_path):
     info["nopad_shape"] = list(fallback.shape)
     info["nopad_replicated"] = bool(fallback.sharding.is_fully_replicated)
 
-    # 1. Training through run_exp.py: adversarial (PGD-20) steps in phase 1 and in phase 2
-    #    (linearized), evaluation with PGD, final parameters.
+    ckpt = _train(res, info)
+    ds = data.load_dataset("digits")
+    init, apply = models.get_model("mlp_skinny", 10)
+    theta0 = jax.tree_util.tree_map(jnp.asarray, ckpt["params"])
+    theta = jax.tree_util.tree_map(jnp.asarray, ckpt["lin_params"])
+    state = {}
+
+    _direct_step(res, info, apply, theta0, state, ds)
+    _evaluate(res, info, apply, theta, theta0, state, ds)
+    _kernels(res, info, apply, theta, state, ds)
+    np.savez(out_path, info=json.dumps(info), **res)
+
+
+def _train(res, info):
+    """1. Training through run_exp.py: adversarial (PGD-20) steps in phase 1 and in phase 2
+    (linearized), evaluation with PGD, final parameters. Returns the final checkpoint."""
+    import jax
+
+    import checkpoints
+    import run_exp
     with tempfile.TemporaryDirectory() as tmp:
         run_exp.main(["--dataset", "digits", "--model", "mlp_skinny", "--train_size", "110",
                       "--test_size", "30", "--batch_size", "16", "--standard_epochs", "1",
@@ -68,13 +82,16 @@ def worker(out_path):
         for i, leaf in enumerate(jax.tree_util.tree_leaves(ckpt[name])):
             res[f"train_{name}_{i}"] = np.asarray(leaf)
 
-    ds = data.load_dataset("digits")
-    init, apply = models.get_model("mlp_skinny", 10)
-    theta0 = jax.tree_util.tree_map(jnp.asarray, ckpt["params"])
-    theta = jax.tree_util.tree_map(jnp.asarray, ckpt["lin_params"])
-    state = {}
+    return ckpt
 
-    # One direct train step: the updated parameters stay replicated.
+
+def _direct_step(res, info, apply, theta0, state, ds):
+    """One direct train step: the updated parameters stay replicated."""
+    import jax
+    import jax.numpy as jnp
+
+    import parallel
+    import train
     opt = train.make_optimizer(0.1)
     step = train.make_train_step(apply, "standard", True, opt)
     ts = parallel.replicate(train.TrainState(theta0, state, opt.init(theta0), jnp.zeros((), jnp.int32)))
@@ -85,8 +102,14 @@ def worker(out_path):
     for i, leaf in enumerate(jax.tree_util.tree_leaves(ts.params)):
         res[f"step_params_{i}"] = np.asarray(leaf)
 
-    # 2. The evaluator under the fast ensemble (PGD, APGD-CE, APGD-T), linearized dynamics,
-    #    batch 10 over 25 images.
+
+
+def _evaluate(res, info, apply, theta, theta0, state, ds):
+    """2. The evaluator under the fast ensemble (PGD, APGD-CE, APGD-T), linearized dynamics,
+    batch 10 over 25 images; then AutoAttack's standard set."""
+    import jax
+
+    import attacks
     cfg = attacks.AttackConfig(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5, name="ensemble-fast",
                                n_targets=2)
     ev = attacks.evaluate(attacks.make_predict(apply, "linear"), (theta, theta0, state), ds.x_test[:25],
@@ -105,7 +128,14 @@ def worker(out_path):
     info["aa_breakdown"] = aa["attacks"]
     res["eval_predictions_aa"], res["aa_x_adv"] = aa["predictions_adv"], aa["x_adv"]
 
-    # 3. The NTK engine: a small budget so the 10 images span several chunks.
+
+
+def _kernels(res, info, apply, theta, state, ds):
+    """3. The NTK engine: a small budget so the 10 images span several chunks."""
+    import jax
+
+    import ntk
+    import parallel
     f = ntk.NetFn(apply, state)
     x1, x2 = ds.x_test[:10], ds.x_test[10:16]
     stats = {}
@@ -122,8 +152,6 @@ def worker(out_path):
     info["rows_specs"] = [str(a.sharding.spec) if hasattr(a.sharding, "spec") else str(a.sharding)
                           for a in [dense] + [t for blk in blocks for t in blk]]
     info["rows_sharded"] = not any(a.sharding.is_fully_replicated for a in [dense] + [t for blk in blocks for t in blk])
-
-    np.savez(out_path, info=json.dumps(info), **res)
 
 
 # --------------------------------------------------------------------------------------
