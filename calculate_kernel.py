@@ -48,6 +48,9 @@ EXAMPLES = [
     "python calculate_kernel.py --arch myrtle --depth 5 --dataset cifar10 --dataset_size 100 --bonus_dir kernels",
 ]
 
+# infinite.ARCHITECTURES, spelled here so that --help loads no JAX (tests/test_infinite.py checks).
+INFINITE_ARCHITECTURES = ("fc", "conv", "myrtle")
+
 
 def build_parser():
     p = cli.parser("Finite-width empirical NTK of a checkpoint on a class-balanced subset of the "
@@ -77,7 +80,7 @@ def build_parser():
                         "layer; 'jacobian' contracts plain per-example gradients (slowest; for checks)")
     cli.add_no_progress(p)
     g = p.add_argument_group("infinite width (instead of --model_path)")
-    g.add_argument("--arch", choices=infinite_arch_names(), default=None,
+    g.add_argument("--arch", choices=INFINITE_ARCHITECTURES, default=None,
                    help="the analytic infinite-width kernel of this architecture: fc = Flatten, depth x "
                         "[Dense, Relu], Dense; conv = depth x [Conv 3x3 SAME, Relu], Flatten, Dense; myrtle = "
                         "Myrtle-5/7/10 (average pools, global average pool); --width is then the named hidden width "
@@ -91,10 +94,6 @@ def build_parser():
     g.add_argument("--float64", action="store_true",
                    help="compute in float64 (slower; for ridgeless regression on ill-conditioned kernels)")
     return p
-
-
-def infinite_arch_names():
-    return ("fc", "conv", "myrtle")
 
 
 def output_path(model_path, bonus_dir, save_name, class_index, n):

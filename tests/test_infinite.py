@@ -195,6 +195,11 @@ def test_images_too_small_for_the_pools_are_named():
 # --------------------------------------------------------------------------------------
 # calculate_kernel.py --arch
 # --------------------------------------------------------------------------------------
+def test_calculate_kernel_offers_every_architecture():
+    import calculate_kernel
+    assert calculate_kernel.INFINITE_ARCHITECTURES == infinite.ARCHITECTURES
+
+
 @pytest.mark.slow   # end to end
 def test_calculate_kernel_writes_an_infinite_kernel_file(tmp_path):
     import data
