@@ -210,7 +210,7 @@ def xla_flops(kfn, x):
     import jax
     import infinite
     import numpy as np
-    per_pair, per_image = kfn.cost(x.shape[1:])
+    per_pair = kfn.cost(x.shape[1:])[0]
     budget = infinite.DEFAULT_MEMORY_GB * 2 ** 30 / 4
     b1, b2 = infinite._block_sizes(len(x), len(x), per_pair, budget, True)
     var_fn, pair_fn = infinite._jitted(kfn.ops, x.shape[1:])

@@ -2,7 +2,6 @@
 forms, symmetry and PSD, blocks against the one-expression path, Monte Carlo convergence of
 wide finite networks' empirical NTK (ntk.py) to the analytic kernel, input gradients."""
 import json
-import math
 import os
 
 import jax
