@@ -142,34 +142,34 @@ def resolve(args):
     any run starts (UserError on bad input)."""
     if args.preset not in PRESETS:
         raise UserError(f"unknown preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-    s = dict(PRESETS[args.preset])
+    grid = dict(PRESETS[args.preset])
     for key in SETTINGS:
         value = getattr(args, key, None)
         if value is not None:
-            s[key] = value
+            grid[key] = value
     for key in ("train_size", "test_size"):
-        if s[key] == 0:
-            s[key] = None
-    s["data_dir"] = args.data_dir
-    s["preset"] = args.preset
-    s["out_dir"] = args.out_dir or f"grid_{args.preset}"
+        if grid[key] == 0:
+            grid[key] = None
+    grid["data_dir"] = args.data_dir
+    grid["preset"] = args.preset
+    grid["out_dir"] = args.out_dir or f"grid_{args.preset}"
     for key in ("width", "phase1_epochs", "phase2_epochs", "pgd_eval_steps", "batch_size", "dynamics_size"):
-        if s[key] <= 0:
-            raise UserError(f"--{key} must be positive (got {s[key]})")
+        if grid[key] <= 0:
+            raise UserError(f"--{key} must be positive (got {grid[key]})")
     for key in ("train_size", "test_size"):
-        if s[key] is not None and s[key] < 0:
-            raise UserError(f"--{key} must be >= 0 (got {s[key]})")
-    if not (s["eps"] >= 0 and math.isfinite(s["eps"])):
-        raise UserError(f"--eps must be finite and >= 0 (got {s['eps']})")
-    if not (s["second_lr"] > 0 and math.isfinite(s["second_lr"])):
-        raise UserError(f"--second_lr must be finite and > 0 (got {s['second_lr']})")
+        if grid[key] is not None and grid[key] < 0:
+            raise UserError(f"--{key} must be >= 0 (got {grid[key]})")
+    if not (grid["eps"] >= 0 and math.isfinite(grid["eps"])):
+        raise UserError(f"--eps must be finite and >= 0 (got {grid['eps']})")
+    if not (grid["second_lr"] > 0 and math.isfinite(grid["second_lr"])):
+        raise UserError(f"--second_lr must be finite and > 0 (got {grid['second_lr']})")
     if args.jobs < 1:
         raise UserError(f"--jobs must be >= 1 (got {args.jobs})")
-    s["kernel_epochs"] = sorted({float(e) for e in s["kernel_epochs"]})
-    s["seeds"] = sorted(set(s["seeds"]))
-    check_kernel_epochs(s["kernel_epochs"], s["phase1_epochs"])
-    check_data(s)
-    return s
+    grid["kernel_epochs"] = sorted({float(e) for e in grid["kernel_epochs"]})
+    grid["seeds"] = sorted(set(grid["seeds"]))
+    check_kernel_epochs(grid["kernel_epochs"], grid["phase1_epochs"])
+    check_data(grid)
+    return grid
 
 
 def saved_epochs(phase1_epochs):
@@ -187,23 +187,23 @@ def check_kernel_epochs(epochs, phase1_epochs):
                             f"at that epoch; choose integers 0..{phase1_epochs} or one of {fractions}")
 
 
-def check_data(s):
+def check_data(grid):
     """The dataset is on disk (the grid never downloads: many cells would race for it), and the
     subsets and the kernel image count fit it."""
     import data
-    if s["dataset"] in data.CIFAR:
-        spec = data.CIFAR[s["dataset"]]
-        folder = os.path.join(s["data_dir"], spec.folder)
+    if grid["dataset"] in data.CIFAR:
+        spec = data.CIFAR[grid["dataset"]]
+        folder = os.path.join(grid["data_dir"], spec.folder)
         missing = [f for f, _ in spec.train + spec.test if not os.path.isfile(os.path.join(folder, f))]
         if missing:
-            raise UserError(f"--data_dir {s['data_dir']} holds no {s['dataset']} ({folder} lacks "
-                            f"{', '.join(missing)}): put the files there first (run_exp.py --dataset {s['dataset']} "
-                            f"--data_dir {s['data_dir']} downloads them)")
-    n_classes = data.num_classes_of(s["dataset"])
+            raise UserError(f"--data_dir {grid['data_dir']} holds no {grid['dataset']} ({folder} lacks "
+                            f"{', '.join(missing)}): put the files there first (run_exp.py --dataset {grid['dataset']} "
+                            f"--data_dir {grid['data_dir']} downloads them)")
+    n_classes = data.num_classes_of(grid["dataset"])
     for key in ("train_size", "test_size", "dynamics_size"):
-        if s[key] is not None and s[key] % n_classes:
-            raise UserError(f"--{key} {s[key]} is not divisible by the number of classes ({n_classes}) of "
-                            f"{s['dataset']}")
+        if grid[key] is not None and grid[key] % n_classes:
+            raise UserError(f"--{key} {grid[key]} is not divisible by the number of classes ({n_classes}) of "
+                            f"{grid['dataset']}")
 
 
 class Cell:
@@ -227,46 +227,47 @@ class Cell:
         return {"name": self.name, "script": self.script, "argv": self.argv, "dir": self.dir}
 
 
-def run_exp_common(s, seed):
-    argv = ["--dataset", s["dataset"], "--model", s["model"], "--width", str(s["width"]),
-            "--eps", f"{s['eps']:g}", "--pgd_eval_steps", str(s["pgd_eval_steps"]),
-            "--batch_size", str(s["batch_size"])]
-    if s["dataset"] != "digits":
-        argv += ["--data_dir", s["data_dir"]]
+def run_exp_common(grid, seed):
+    argv = ["--dataset", grid["dataset"], "--model", grid["model"], "--width", str(grid["width"]),
+            "--eps", f"{grid['eps']:g}", "--pgd_eval_steps", str(grid["pgd_eval_steps"]),
+            "--batch_size", str(grid["batch_size"])]
+    if grid["dataset"] != "digits":
+        argv += ["--data_dir", grid["data_dir"]]
     for key in ("train_size", "test_size"):
-        if s[key] is not None:
-            argv += [f"--{key}", str(s[key])]
+        if grid[key] is not None:
+            argv += [f"--{key}", str(grid[key])]
     return argv + ["--random_seed", str(seed), "--save_models", "--no_progress"]
 
 
-def make_cells(s):
+def make_cells(grid):
     """Every cell of the grid, in dependency order (phase-1 runs first)."""
-    out = s["out_dir"]
+    out = grid["out_dir"]
     phase1, phase2, dynamics = [], [], []
-    for seed in s["seeds"]:
+    for seed in grid["seeds"]:
         runs = {}
         for k1 in PHASE1_KINDS:
             name = f"phase1/{k1}_s{seed}"
             runs[k1] = os.path.join(out, name)
             phase1.append(Cell(name, f"phase1:{k1}", "run_exp",
-                               ["--loaders", k1, "--standard_epochs", str(s["phase1_epochs"]), "--linear_epochs", "0",
-                                "--constant_save", *run_exp_common(s, seed), "--save_path", runs[k1]],
+                               ["--loaders", k1, "--standard_epochs", str(grid["phase1_epochs"]),
+                                "--linear_epochs", "0", "--constant_save", *run_exp_common(grid, seed),
+                                "--save_path", runs[k1]],
                                [], out, phase1=k1, seed=seed))
-            for e in s["kernel_epochs"]:
+            for e in grid["kernel_epochs"]:
                 base = os.path.join(runs[k1], f"parameters_checkpoint_{epoch_name(e)}.pkl")
                 for k2 in PHASE2_KINDS:
                     name2 = f"phase2/{k1}_s{seed}/e{epoch_name(e)}_{k2}"
                     phase2.append(Cell(name2, f"phase2:{k2}", "run_exp",
                                        ["--base_model_path", base, "--loaders", k2, "--linear_epochs",
-                                        str(s["phase2_epochs"]), "--second_lr", f"{s['second_lr']:g}", "--centering",
-                                        "--skip_first_test", *run_exp_common(s, seed),
+                                        str(grid["phase2_epochs"]), "--second_lr", f"{grid['second_lr']:g}",
+                                        "--centering", "--skip_first_test", *run_exp_common(grid, seed),
                                         "--save_path", os.path.join(out, name2)],
                                        [name], out, phase1=k1, phase2=k2, epoch=e, seed=seed))
         name = f"dynamics/s{seed}"
         argv = ["dynamics", "--runs", runs["CC"], runs["AC"], "--labels", "CC", "AC",
-                "--dataset_size", str(s["dynamics_size"]), "--random_seed", str(seed)]
-        if s["dataset"] != "digits":
-            argv += ["--data_dir", s["data_dir"]]
+                "--dataset_size", str(grid["dynamics_size"]), "--random_seed", str(seed)]
+        if grid["dataset"] != "digits":
+            argv += ["--data_dir", grid["data_dir"]]
         dynamics.append(Cell(name, "dynamics", "analyze_ntk", argv + ["--out_dir", os.path.join(out, name),
                                                                       "--no_progress"],
                              [f"phase1/CC_s{seed}", f"phase1/AC_s{seed}"], out, seed=seed))
@@ -588,20 +589,20 @@ def summary_line(cell, st):
 # ======================================================================================
 # Commands
 # ======================================================================================
-def grid_flags(s, jobs=None):
+def grid_flags(grid, jobs=None):
     """This grid as explicit flags of kernel_epoch_grid.py (every setting, so a printed line does
     not depend on the preset's values of another version)."""
-    argv = ["--preset", s["preset"], "--out_dir", s["out_dir"],
-            "--kernel_epochs", *map(epoch_name, s["kernel_epochs"]), "--seeds", *map(str, s["seeds"])]
+    argv = ["--preset", grid["preset"], "--out_dir", grid["out_dir"],
+            "--kernel_epochs", *map(epoch_name, grid["kernel_epochs"]), "--seeds", *map(str, grid["seeds"])]
     for key in SETTINGS:
         if key in ("kernel_epochs", "seeds"):
             continue
-        value = s[key]
+        value = grid[key]
         if key in ("train_size", "test_size") and value is None:
             value = 0
         argv += [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
-    if s["dataset"] != "digits":
-        argv += ["--data_dir", s["data_dir"]]
+    if grid["dataset"] != "digits":
+        argv += ["--data_dir", grid["data_dir"]]
     return argv
 
 
@@ -612,8 +613,8 @@ def script_path():
     return rel if not rel.startswith("..") else here
 
 
-def print_commands(s, cells):
-    base = ["python", script_path(), *grid_flags(s)]
+def print_commands(grid, cells):
+    base = ["python", script_path(), *grid_flags(grid)]
     stages = (("phase1", "phase-1 runs: every other cell needs them"),
               ("phase2", "phase-2 runs (each needs its phase-1 run)"),
               ("dynamics", "kernel motion (each needs both phase-1 runs of its seed)"))
@@ -647,7 +648,7 @@ def _fmt(m, sd, n):
     return f"{m:.3f}" if n == 1 else f"{m:.3f} ± {sd:.3f}"
 
 
-def collect(s, cells, markers):
+def collect(grid, cells, markers):
     """Rows of every phase-2 cell, phase-1 finals and kernel distances, from the cell directories."""
     rows, finals, dist = [], [], {}
     for c in cells:
@@ -689,7 +690,7 @@ def _curve(rows, k1, k2, metric, epochs):
             for e in epochs]
 
 
-def claims(s, rows, finals, epochs):
+def claims(grid, rows, finals, epochs):
     """The paper's claims, each checked on this grid with numbers (markdown lines)."""
     import numpy as np
 
@@ -768,7 +769,7 @@ def _spearman(x, y):
     return float(np.corrcoef(rx, ry)[0, 1]) if np.std(ry) > 0 else float("nan")
 
 
-def figure(s, rows, finals, dist, epochs, path):
+def figure(grid, rows, finals, dist, epochs, path):
     import io
 
     import matplotlib
@@ -779,8 +780,9 @@ def figure(s, rows, finals, dist, epochs, path):
     colors = {"CC": "tab:blue", "AC": "tab:red"}
     styles = {"CC": ("-", "o"), "CA": ("--", "s")}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
-    panels = (("clean", "clean accuracy"), ("linf", f"L∞ PGD-{s['pgd_eval_steps']} accuracy (ε {s['eps']:g}/255)"),
-              ("l2", f"L2 PGD-{s['pgd_eval_steps']} accuracy (ε {0.25:g})"))
+    panels = (("clean", "clean accuracy"),
+              ("linf", f"L∞ PGD-{grid['pgd_eval_steps']} accuracy (ε {grid['eps']:g}/255)"),
+              ("l2", f"L2 PGD-{grid['pgd_eval_steps']} accuracy (ε {0.25:g})"))
     for ax, (metric, title) in zip(axes.flat, panels):
         for k1 in PHASE1_KINDS:
             for k2 in PHASE2_KINDS:
@@ -793,7 +795,7 @@ def figure(s, rows, finals, dist, epochs, path):
             fm, fsd, n = _mean_std([f[metric] for f in finals if f["phase1"] == k1])
             if n:
                 ax.axhline(fm, color=colors[k1], ls=":", lw=1.2, label=f"phase-1 {k1} network at epoch "
-                                                                         f"{s['phase1_epochs']}")
+                                                                         f"{grid['phase1_epochs']}")
         ax.set_title(title)
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("accuracy")
@@ -816,7 +818,7 @@ def figure(s, rows, finals, dist, epochs, path):
     for ax in axes.flat:
         if pos:
             ax.set_xscale("symlog", linthresh=min(pos))
-        ax.set_xlim(-0.05 * min(pos or [1]), s["phase1_epochs"] * 1.08)
+        ax.set_xlim(-0.05 * min(pos or [1]), grid["phase1_epochs"] * 1.08)
         ax.set_xticks(epochs, [epoch_name(e) for e in epochs])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3)
@@ -824,10 +826,10 @@ def figure(s, rows, finals, dist, epochs, path):
         ax.set_xlabel("kernel epoch e (phase-1 checkpoint; symlog axis)")
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8.5, bbox_to_anchor=(0.5, -0.06))
-    n_seeds = len(s["seeds"])
-    fig.suptitle(f"{s['preset']}: {s['dataset']}, {s['model']} width {s['width']}; phase 1 {plural(s['phase1_epochs'], 'epoch')}, "
-                 f"phase 2 (centered) {plural(s['phase2_epochs'], 'epoch')} at lr "
-                 f"{s['second_lr']:g}; mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}")
+    n_seeds = len(grid["seeds"])
+    fig.suptitle(f"{grid['preset']}: {grid['dataset']}, {grid['model']} width {grid['width']}; phase 1 {plural(grid['phase1_epochs'], 'epoch')}, "
+                 f"phase 2 (centered) {plural(grid['phase2_epochs'], 'epoch')} at lr "
+                 f"{grid['second_lr']:g}; mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -835,19 +837,19 @@ def figure(s, rows, finals, dist, epochs, path):
     utils.atomic_write_bytes(path, buf.getvalue())
 
 
-def write_report(s, cells, markers, grid_command):
+def write_report(grid, cells, markers, grid_command):
     """report/: report.md, grid.png, results.json, results.csv, commands.sh. Returns report.md's path.
     Depends only on the cells' results (no timings or dates), so the same cells give the same report."""
     import csv
     import io
-    rows, finals, dist = collect(s, cells, markers)
-    epochs = s["kernel_epochs"]
-    rdir = os.path.join(s["out_dir"], "report")
+    rows, finals, dist = collect(grid, cells, markers)
+    epochs = grid["kernel_epochs"]
+    rdir = os.path.join(grid["out_dir"], "report")
     os.makedirs(rdir, exist_ok=True)
     missing = [c.name for c in cells if c.name not in markers]
-    figure(s, rows, finals, dist, epochs, os.path.join(rdir, "grid.png"))
+    figure(grid, rows, finals, dist, epochs, os.path.join(rdir, "grid.png"))
     utils.atomic_json(os.path.join(rdir, "results.json"),
-                      {"settings": {k: v for k, v in s.items()}, "phase2": rows, "phase1_final": finals,
+                      {"settings": {k: v for k, v in grid.items()}, "phase2": rows, "phase1_final": finals,
                        "kernel_distance": dist, "missing": missing})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["phase1"])
@@ -861,26 +863,26 @@ def write_report(s, cells, markers, grid_command):
     def f3(x):
         return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
-    md = [f"# Robustness of phase 2 against the kernel epoch ({s['preset']})", ""]
+    md = [f"# Robustness of phase 2 against the kernel epoch ({grid['preset']})", ""]
     if missing:
         md += [f"**Incomplete: {len(missing)} of {len(cells)} cells are missing** "
                f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}); their rows read n/a.", ""]
     md += ["## Settings", "",
-           f"- data: {s['dataset']}" + (f" (train subset {s['train_size']}" if s["train_size"] else " (all training images")
-           + (f", test subset {s['test_size']})" if s["test_size"] else ", all test images)"),
-           f"- network: {s['model']}, width {s['width']}; batch {s['batch_size']}",
-           f"- phase 1: {plural(s['phase1_epochs'], 'epoch')}, benign (CC) and adversarial (AC: a clean step and a PGD-20 step "
-           f"per batch, ε {s['eps']:g}/255), lr 0.1, checkpoints at every epoch and at 0.125, 0.25, 0.375, 0.5, 0.75, "
+           f"- data: {grid['dataset']}" + (f" (train subset {grid['train_size']}" if grid["train_size"] else " (all training images")
+           + (f", test subset {grid['test_size']})" if grid["test_size"] else ", all test images)"),
+           f"- network: {grid['model']}, width {grid['width']}; batch {grid['batch_size']}",
+           f"- phase 1: {plural(grid['phase1_epochs'], 'epoch')}, benign (CC) and adversarial (AC: a clean step and a PGD-20 step "
+           f"per batch, ε {grid['eps']:g}/255), lr 0.1, checkpoints at every epoch and at 0.125, 0.25, 0.375, 0.5, 0.75, "
            f"1.5, 2.5",
            f"- phase 2: centered dynamics J(θ_e)(θ − θ_e) on the frozen kernel of the epoch-e checkpoint, "
-           f"{plural(s['phase2_epochs'], 'epoch')} at lr {s['second_lr']:g}, "
+           f"{plural(grid['phase2_epochs'], 'epoch')} at lr {grid['second_lr']:g}, "
            f"benign (CC) or adversarial (CA)",
-           f"- kernel epochs e: {', '.join(map(epoch_name, epochs))}; seeds: {', '.join(map(str, s['seeds']))}",
-           f"- evaluation (run_exp.py after phase 2): clean, L∞ PGD-{s['pgd_eval_steps']} at ε {s['eps']:g}/255, "
-           f"L2 PGD-{s['pgd_eval_steps']} at ε 0.25",
-           f"- kernel motion: analyze_ntk.py dynamics on {s['dynamics_size']} training images, every checkpoint of "
+           f"- kernel epochs e: {', '.join(map(epoch_name, epochs))}; seeds: {', '.join(map(str, grid['seeds']))}",
+           f"- evaluation (run_exp.py after phase 2): clean, L∞ PGD-{grid['pgd_eval_steps']} at ε {grid['eps']:g}/255, "
+           f"L2 PGD-{grid['pgd_eval_steps']} at ε 0.25",
+           f"- kernel motion: analyze_ntk.py dynamics on {grid['dynamics_size']} training images, every checkpoint of "
            f"both phase-1 runs; d(K, K') = 1 − ⟨K, K'⟩ / (‖K‖ ‖K'‖)", ""]
-    md += ["## What the grid shows", ""] + claims(s, rows, finals, epochs) + [""]
+    md += ["## What the grid shows", ""] + claims(grid, rows, finals, epochs) + [""]
     md += ["![accuracy and kernel distance against the kernel epoch](grid.png)", ""]
     md += ["## Summary (mean ± std over seeds)", "",
            "Clean / L∞ PGD accuracy of phase 2 on the kernel of the phase-1 run at epoch e, and the kernel distance "
@@ -917,18 +919,18 @@ def write_report(s, cells, markers, grid_command):
 def run(args):
     """Run (or print, or report on) the grid. Returns {'report': path or None, 'failed': [...],
     'ran': [cell names]}."""
-    s = resolve(args)
-    cells = make_cells(s)
-    grid_command = shlex.join(["python", script_path(), *grid_flags(s)])
+    grid = resolve(args)
+    cells = make_cells(grid)
+    grid_command = shlex.join(["python", script_path(), *grid_flags(grid)])
     if args.print_commands:
-        print_commands(s, cells)
+        print_commands(grid, cells)
         return {"report": None, "failed": [], "ran": []}
     if args.cell is not None:
         names = [c.name for c in cells]
         if args.cell not in names:
             raise UserError(f"--cell {args.cell} is not a cell of this grid (e.g. {names[0]}, {names[-1]})")
-    if os.path.exists(s["out_dir"]) and not os.path.isdir(s["out_dir"]):
-        raise UserError(f"--out_dir {s['out_dir']} is a file")
+    if os.path.exists(grid["out_dir"]) and not os.path.isdir(grid["out_dir"]):
+        raise UserError(f"--out_dir {grid['out_dir']} is a file")
     markers, todo = survey(cells)
     if args.cell is not None:
         cell = next(c for c in cells if c.name == args.cell)
@@ -942,7 +944,7 @@ def run(args):
     if args.report_only:
         todo = []
     if todo:
-        utils.check_writable_dir(s["out_dir"], "--out_dir")
+        utils.check_writable_dir(grid["out_dir"], "--out_dir")
     t0, load0 = time.time(), os.getloadavg()
     if todo:
         print(f"{len(cells) - len(todo)} of {len(cells)} cells complete; running {len(todo)} with --jobs {args.jobs}"
@@ -955,13 +957,13 @@ def run(args):
                   "jobs": args.jobs, "wall_seconds": round(wall, 1), "load_average_start": list(load0),
                   "load_average_end": list(load1), "cpus": len(os.sched_getaffinity(0)),
                   "argv": sys.argv}
-        with open(os.path.join(s["out_dir"], "grid_runs.jsonl"), "a") as f:
+        with open(os.path.join(grid["out_dir"], "grid_runs.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         print(f"ran {len(todo)} cells in {wall:.0f} s (load average {load0[0]:.2f} at the start, {load1[0]:.2f} at "
               f"the end)")
     report = None
     if args.cell is None and (markers or args.report_only):
-        report = write_report(s, cells, markers, grid_command)
+        report = write_report(grid, cells, markers, grid_command)
         print(f"wrote {report}")
     if failed:
         for f in failed:

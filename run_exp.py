@@ -303,22 +303,22 @@ class Run:
 # --------------------------------------------------------------------------------------
 # One epoch, one evaluation
 # --------------------------------------------------------------------------------------
-def batch_update(r, state, theta0, xb, yb, dynamics, is_training, attack_key):
+def batch_update(exp, state, theta0, xb, yb, dynamics, is_training, attack_key):
     """One clean step, and with `attack_key` (adversarial loader), as the reference: PGD
     against the just-updated model (BatchNorm in inference mode), then a second step on
     those examples. Returns (state, [metrics of each step])."""
     from attacks import pgd
-    step = r.train_step(dynamics, is_training)
+    step = exp.train_step(dynamics, is_training)
     state, m = step(state, theta0, xb, yb)
     outs = [m]
     if attack_key is not None:
-        x_adv = pgd(r.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, attack_key,
-                    r.eps, 2 * r.eps / 20, steps=20)
+        x_adv = pgd(exp.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, attack_key,
+                    exp.eps, 2 * exp.eps / 20, steps=20)
         state, m = step(state, theta0, x_adv, yb)
         outs.append(m)
     return state, outs
 
-def train_epoch(r, state, theta0, phase, epoch, dynamics, is_training, adversarial, on_batch=None):
+def train_epoch(exp, state, theta0, phase, epoch, dynamics, is_training, adversarial, on_batch=None):
     """One epoch over the training set. Returns (state, {'loss', 'acc'})."""
     import jax
     from tqdm import tqdm
@@ -327,17 +327,17 @@ def train_epoch(r, state, theta0, phase, epoch, dynamics, is_training, adversari
     from data import batches, num_batches
 
     state, theta0 = parallel.replicate((state, theta0))  # no-op with one device
-    n_batches = num_batches(len(r.x_train), r.args.batch_size)
-    attack_key = jax.random.fold_in(jax.random.fold_in(r.key, 1000 + phase), epoch)
+    n_batches = num_batches(len(exp.x_train), exp.args.batch_size)
+    attack_key = jax.random.fold_in(jax.random.fold_in(exp.key, 1000 + phase), epoch)
     tot_loss, tot_correct, seen = 0.0, 0, 0
     bar = tqdm(total=n_batches, desc=f"phase {phase} epoch {epoch}{' (adv)' if adversarial else ''}",
-               leave=False, disable=r.args.no_progress or None, dynamic_ncols=True)
-    for i, (xb, yb) in enumerate(batches(r.x_train, r.y_train, r.args.batch_size,
-                                        epoch_seed(r.args.random_seed, phase, epoch))):
+               leave=False, disable=exp.args.no_progress or None, dynamic_ncols=True)
+    for i, (xb, yb) in enumerate(batches(exp.x_train, exp.y_train, exp.args.batch_size,
+                                        epoch_seed(exp.args.random_seed, phase, epoch))):
         # Split over the devices (if several); a batch that does not divide is replicated,
         # never padded, so every step sees exactly its real examples (parallel.py).
         (xb, yb), _ = parallel.shard_batch((xb, yb), pad=False)
-        state, outs = batch_update(r, state, theta0, xb, yb, dynamics, is_training,
+        state, outs = batch_update(exp, state, theta0, xb, yb, dynamics, is_training,
                                         jax.random.fold_in(attack_key, i) if adversarial else None)
         loss = float(np.mean([float(o["loss"]) for o in outs]))
         # The loss is taken before each update, so the updated state is checked as well:
@@ -345,7 +345,7 @@ def train_epoch(r, state, theta0, phase, epoch, dynamics, is_training, adversari
         if not np.isfinite(loss) or not all(bool(o["finite"]) for o in outs):
             what = f"loss ({loss})" if not np.isfinite(loss) else "parameters or optimizer state"
             raise UserError(f"non-finite {what} in phase {phase}, epoch {epoch}, batch {i}: "
-                            f"stopped before saving it; the checkpoints already in {r.args.save_path} are kept")
+                            f"stopped before saving it; the checkpoints already in {exp.args.save_path} are kept")
         tot_loss += loss * len(yb)
         tot_correct += int(outs[-1]["correct"])
         seen += len(yb)
@@ -356,26 +356,26 @@ def train_epoch(r, state, theta0, phase, epoch, dynamics, is_training, adversari
     bar.close()
     return state, {"loss": tot_loss / seen, "acc": tot_correct / seen}
 
-def evaluate(r, name, dynamics, theta, theta0, net_state):
+def evaluate(exp, name, dynamics, theta, theta0, net_state):
     """Clean, L-inf PGD and L2 PGD accuracy on the test set (fractions in [0, 1])."""
     import jax
     from tqdm import tqdm
 
     import attacks
-    steps = r.args.pgd_eval_steps
-    configs = {"linf": attacks.attack_from_args(r.args, "linf", r.eps, steps),
-               "l2": attacks.attack_from_args(r.args, "l2", cli.L2_EPS, steps, step_size=cli.L2_STEP_SIZE)}
+    steps = exp.args.pgd_eval_steps
+    configs = {"linf": attacks.attack_from_args(exp.args, "linf", exp.eps, steps),
+               "l2": attacks.attack_from_args(exp.args, "l2", cli.L2_EPS, steps, step_size=cli.L2_STEP_SIZE)}
     out, details = {}, {}
     for i, (norm, cfg) in enumerate(configs.items()):
-        with tqdm(total=len(r.x_test), desc=f"eval {name} {norm}", leave=False,
-                  disable=r.args.no_progress or None) as bar:
-            res = attacks.evaluate(r.predict(dynamics), (theta, theta0, net_state), r.x_test, r.y_test,
-                                 batch_size=100, attack=cfg, key=jax.random.fold_in(r.key, 2000 + i),
+        with tqdm(total=len(exp.x_test), desc=f"eval {name} {norm}", leave=False,
+                  disable=exp.args.no_progress or None) as bar:
+            res = attacks.evaluate(exp.predict(dynamics), (theta, theta0, net_state), exp.x_test, exp.y_test,
+                                 batch_size=100, attack=cfg, key=jax.random.fold_in(exp.key, 2000 + i),
                                  progress=bar)
         out["clean"] = res["acc_clean"]
         out[norm] = res["acc_adv"]
         details[norm] = {**cfg.describe(), "n": res["n"], "warnings": res.get("warnings", [])}
-    r.metrics.write(event="eval", phase=name, dynamics=dynamics, **out, attacks=details)
+    exp.metrics.write(event="eval", phase=name, dynamics=dynamics, **out, attacks=details)
     print(f"[{name}] dynamics={dynamics} clean={out['clean']:.4f} linf={out['linf']:.4f} l2={out['l2']:.4f}")
     return out
 
@@ -426,13 +426,13 @@ def load_resume(args):
 # --------------------------------------------------------------------------------------
 # The two phases
 # --------------------------------------------------------------------------------------
-def fresh_phase2_optimizer(r):
+def fresh_phase2_optimizer(exp):
     """Phase 2 starts a fresh SGD at --second_lr, except --do_standard_second after phase 1,
     which continues phase 1's optimizer (lr and momentum), as the reference."""
-    return not (r.args.do_standard_second and r.base is None)
+    return not (exp.args.do_standard_second and exp.base is None)
 
 
-def initial_state(r, resume):
+def initial_state(exp, resume):
     """(state, theta0, progress) to start from: the initial or base parameters, or where an
     interrupted run stopped."""
     import jax.numpy as jnp
@@ -440,31 +440,31 @@ def initial_state(r, resume):
     import train
     results = {"standard": {"clean": 0.0, "l2": 0.0, "linf": 0.0},
                "linear": {"clean": 0.0, "l2": 0.0, "linf": 0.0},
-               "standard_second": bool(r.args.do_standard_second)}
+               "standard_second": bool(exp.args.do_standard_second)}
     progress = {"phase": 1, "epoch": 0, "fractions_done": [], "results": results}
-    params, net_state = r.init_params, r.init_state
+    params, net_state = exp.init_params, exp.init_state
     state = train.TrainState(params, net_state, train.make_optimizer(0.1).init(params), jnp.zeros((), jnp.int32))
     if resume is None:
         return state, None, progress
     progress = resume["progress"]
     template = state
-    if progress["phase"] == 2 and fresh_phase2_optimizer(r):
-        template = state._replace(opt_state=train.make_optimizer(r.args.second_lr).init(params))
+    if progress["phase"] == 2 and fresh_phase2_optimizer(exp):
+        template = state._replace(opt_state=train.make_optimizer(exp.args.second_lr).init(params))
     state = _unflatten(template, resume["state"])
     theta0 = None if resume["theta0"] is None else _unflatten(params, resume["theta0"])
     return state, theta0, progress
 
 
-def run_phase1(r, state, progress):
+def run_phase1(exp, state, progress):
     """Phase 1: standard dynamics, lr schedule, constant saves, evaluation (of the base model
     after --base_model_path, which skips the training). Returns (state, theta0)."""
     import train
-    a, done = r.args, set(progress["fractions_done"])
-    n_epochs = 0 if r.base else a.standard_epochs
+    a, done = exp.args, set(progress["fractions_done"])
+    n_epochs = 0 if exp.base else a.standard_epochs
 
     def save(name, st, epoch):
         if a.constant_save:  # phase-1 saves: params = theta_t, lin_params = the initial parameters
-            r.save(name, st.params, r.init_params, st.net_state, epoch=epoch, phase=1, dynamics="standard")
+            exp.save(name, st.params, exp.init_params, st.net_state, epoch=epoch, phase=1, dynamics="standard")
 
     for epoch in range(progress["epoch"], n_epochs):
         save(f"parameters_checkpoint_{epoch}.pkl", state, epoch)
@@ -478,59 +478,59 @@ def run_phase1(r, state, progress):
                     done.add(frac)
 
         t0 = time.time()
-        state, m = train_epoch(r, state, state.params, 1, epoch, "standard", True, adversarial, on_batch)
-        r.metrics.write(event="epoch", phase=1, epoch=epoch, lr=train.get_lr(state.opt_state),
+        state, m = train_epoch(exp, state, state.params, 1, epoch, "standard", True, adversarial, on_batch)
+        exp.metrics.write(event="epoch", phase=1, epoch=epoch, lr=train.get_lr(state.opt_state),
                         adversarial=adversarial, seconds=time.time() - t0, **m)
         print(f"phase 1 epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}{' (adversarial)' if adversarial else ''}")
         progress.update(epoch=epoch + 1, fractions_done=sorted(done))
-        save_resume(r, progress, state, None)
+        save_resume(exp, progress, state, None)
     if n_epochs > 0:
         save(f"parameters_checkpoint_{n_epochs}.pkl", state, n_epochs)
     if not a.skip_first_test:
-        progress["results"]["standard"] = evaluate(r, "phase 1", "standard", state.params, state.params,
+        progress["results"]["standard"] = evaluate(exp, "phase 1", "standard", state.params, state.params,
                                                      state.net_state)
     # Phase 2 starts from here: theta0 is the phase-1 result, theta starts as its copy.
     theta0 = state.params
-    if fresh_phase2_optimizer(r):
+    if fresh_phase2_optimizer(exp):
         state = state._replace(opt_state=train.make_optimizer(a.second_lr).init(state.params))
     progress.update(phase=2, epoch=0)
-    save_resume(r, progress, state, theta0)
+    save_resume(exp, progress, state, theta0)
     return state, theta0
 
 
-def run_phase2(r, state, theta0, progress):
+def run_phase2(exp, state, theta0, progress):
     """Phase 2 in the dynamics of --do_standard_second/--centering. Returns the state."""
     import train
-    a = r.args
+    a = exp.args
     dynamics = phase2_dynamics(a)
     for epoch in range(progress["epoch"], a.linear_epochs):
         adversarial = loader_is_adversarial(a.loaders[1], epoch, a.flip_epoch)
         t0 = time.time()
-        state, m = train_epoch(r, state, theta0, 2, epoch, dynamics, a.loose_bn_second, adversarial)
-        r.metrics.write(event="epoch", phase=2, epoch=epoch, lr=train.get_lr(state.opt_state), dynamics=dynamics,
+        state, m = train_epoch(exp, state, theta0, 2, epoch, dynamics, a.loose_bn_second, adversarial)
+        exp.metrics.write(event="epoch", phase=2, epoch=epoch, lr=train.get_lr(state.opt_state), dynamics=dynamics,
                         adversarial=adversarial, seconds=time.time() - t0, **m)
         print(f"phase 2 ({dynamics}) epoch {epoch}: loss {m['loss']:.4f} acc {m['acc']:.4f}"
               f"{' (adversarial)' if adversarial else ''}")
         if a.constant_save_linear:
-            r.save_trained(f"parameters_checkpoint_linear_{epoch}.pkl", dynamics, state.params, theta0,
+            exp.save_trained(f"parameters_checkpoint_linear_{epoch}.pkl", dynamics, state.params, theta0,
                            state.net_state, epoch=epoch + 1, phase=2)
         progress.update(epoch=epoch + 1)
-        save_resume(r, progress, state, theta0)
+        save_resume(exp, progress, state, theta0)
     if a.linear_epochs > 0 and not a.skip_second_test:
-        progress["results"]["linear"] = evaluate(r, "phase 2", dynamics, state.params, theta0, state.net_state)
+        progress["results"]["linear"] = evaluate(exp, "phase 2", dynamics, state.params, theta0, state.net_state)
     return state
 
 
-def save_final(r, state, theta0):
+def save_final(exp, state, theta0):
     """parameters_final.pkl in the reference's layout: a phase-1-only run stores its result
     in both keys (the reference copies theta into lin_params before phase 2 in any case)."""
-    a = r.args
+    a = exp.args
     if a.linear_epochs > 0:
-        r.save_trained("parameters_final.pkl", phase2_dynamics(a), state.params, theta0, state.net_state,
+        exp.save_trained("parameters_final.pkl", phase2_dynamics(a), state.params, theta0, state.net_state,
                        epoch=a.linear_epochs, phase=2, centering=a.centering)
     else:
-        r.save_trained("parameters_final.pkl", "standard", state.params, state.params, state.net_state,
-                       epoch=0 if r.base else a.standard_epochs, phase=1)
+        exp.save_trained("parameters_final.pkl", "standard", state.params, state.params, state.net_state,
+                       epoch=0 if exp.base else a.standard_epochs, phase=1)
 
 
 def print_results(results, args):
@@ -553,8 +553,8 @@ def run(args):
 
     validate(args)
     resume = load_resume(args) if args.resume else None
-    r = Run(args)
-    state, theta0, progress = initial_state(r, resume)
+    exp = Run(args)
+    state, theta0, progress = initial_state(exp, resume)
     results = progress["results"]
     if progress["phase"] == 3:
         print(f"the run in {args.save_path} had already finished")
@@ -564,14 +564,14 @@ def run(args):
         print(f"resuming phase {progress['phase']} at epoch {progress['epoch']}")
     t_start = time.time()
     if progress["phase"] == 1:
-        state, theta0 = run_phase1(r, state, progress)
-    state = run_phase2(r, state, theta0, progress)
+        state, theta0 = run_phase1(exp, state, progress)
+    state = run_phase2(exp, state, theta0, progress)
     if args.save_models:
-        save_final(r, state, theta0)
+        save_final(exp, state, theta0)
         atomic_pickle(os.path.join(args.save_path, "results.pkl"), results)
         atomic_json(os.path.join(args.save_path, "results.json"), results)
     progress.update(phase=3, results=results)
-    save_resume(r, progress, state, theta0)
+    save_resume(exp, progress, state, theta0)
     print(f"done in {time.time() - t_start:.1f}s")
     print_results(results, args)
     final = os.path.join(args.save_path, "parameters_final.pkl")
