@@ -187,7 +187,9 @@ def worker_speed(job):
         warm_x = x[:job["warm_n"]]
     else:
         kfn, warm_x = our_kernel_fn(job["cfg"]), x
-    call = lambda xs: np.asarray(kfn(xs, None, "ntk"))  # noqa: E731
+    stats = {}   # ours: the last call's block plan
+    extra = {} if job["side"] == "nt" else {"stats": stats}
+    call = lambda xs: np.asarray(kfn(xs, None, "ntk", **extra))  # noqa: E731
     rss_before = _rss_mb()
     t = time.perf_counter()
     call(warm_x)
@@ -199,20 +201,18 @@ def worker_speed(job):
            "loadavg_1min": round(load, 2), "rss_before_compute_mb": round(rss_before), "peak_rss_mb": round(peak),
            "jax": jax.__version__, "device": str(jax.devices()[0].device_kind)}
     if job["side"] == "ours" and job["cfg"]["arch"] == "myrtle":
-        out.update(arithmetic_share(kfn, x, statistics.median(walls)))
+        out.update(arithmetic_share(kfn, x, stats, statistics.median(walls)))
     return out
 
 
-def xla_flops(kfn, x):
+def xla_flops(kfn, x, stats):
     """XLA's FLOP count (cost analysis: 2 per multiply-add, 1 per elementwise op) of one
-    kernel_fn(x, None) call, float32 at the default memory budget: the per-image program on all
-    of x plus the per-block program times the number of blocks."""
+    kernel_fn(x, None) call: the per-image program on all of x plus the per-block program, at the
+    block shape that call reported in `stats`, times its number of blocks."""
     import jax
     import infinite
     import numpy as np
-    per_pair = kfn.cost(x.shape[1:])[0]
-    budget = infinite.DEFAULT_MEMORY_GB * 2 ** 30 / 4
-    b1, b2 = infinite._block_sizes(len(x), len(x), per_pair, budget, True)
+    (b1, b2), blocks = stats["block"], stats["blocks"]
     var_fn, pair_fn = infinite._jitted(kfn.ops, x.shape[1:])
     spec = lambda *shape, dtype=np.float32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
     qs = jax.eval_shape(var_fn, spec(b1, *x.shape[1:]))
@@ -221,7 +221,6 @@ def xla_flops(kfn, x):
         var_cost = var_fn.lower(spec(len(x), *x.shape[1:])).compile().cost_analysis()
         pair_cost = pair_fn.lower(spec(b1, *x.shape[1:]), spec(b2, *x.shape[1:]), list(qs), q2,
                                   spec(b1, b2, dtype=np.bool_)).compile().cost_analysis()
-    blocks = len([(r, c) for r in range(0, len(x), b2) for c in range(0, len(x), b2) if c >= r])
     return var_cost["flops"] + blocks * pair_cost["flops"]
 
 
@@ -239,8 +238,8 @@ def matmul_peak(n=4096, repeats=5):
 SHARE_KEYS = ("xla_flops", "achieved_gflops", "matmul_peak_gflops", "arithmetic_share")
 
 
-def arithmetic_share(kfn, x, seconds):
-    flops, peak = xla_flops(kfn, x), matmul_peak()
+def arithmetic_share(kfn, x, stats, seconds):
+    flops, peak = xla_flops(kfn, x, stats), matmul_peak()
     return dict(zip(SHARE_KEYS, (flops, round(flops / seconds / 1e9, 2), round(peak / 1e9, 1),
                                  round(flops / seconds / peak, 3))))
 
