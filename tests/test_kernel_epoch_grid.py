@@ -41,8 +41,8 @@ def markers(out):
 
 @pytest.fixture(scope="module")
 def killed_and_resumed(tmp_path_factory):
-    """The tiny grid with --jobs 2, killed (SIGKILL to its process group) as soon as its first phase-2
-    cell is complete, then run again. Returns (out_dir, markers before the rerun, rerun's stdout)."""
+    """The tiny grid with --jobs 2, killed (SIGKILL to its process group) as soon as both phase-1 runs and a
+    phase-2 cell are complete, then run again. Returns (out_dir, markers before the rerun, rerun's stdout)."""
     out = tmp_path_factory.mktemp("grid") / "g"
     log = open(out.parent / "first.log", "w")
     p = subprocess.Popen(grid(out, "--jobs", "2"), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
@@ -50,7 +50,10 @@ def killed_and_resumed(tmp_path_factory):
     deadline = time.time() + 3600
     try:
         while time.time() < deadline and p.poll() is None:
-            if any(name.startswith("phase2/") for name in markers(out)):
+            done = markers(out)
+            # both phase-1 runs and a phase-2 cell: with --jobs 2 the first phase-2 cell can complete
+            # while the other phase-1 run is still training
+            if {"phase1/CC_s0", "phase1/AC_s0"} <= set(done) and any(n.startswith("phase2/") for n in done):
                 break
             time.sleep(0.1)
     finally:
