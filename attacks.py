@@ -1,7 +1,9 @@
 """Adversarial attacks by name, and evaluation under attack: the attacks' configuration, the
-geometry, losses and loops they share, PGD, running an attack or ensemble on batches, and
-accuracy over a dataset. The AutoAttack members (APGD, FAB-T, Square) are in autoattack.py,
-which the runner here calls.
+geometry, losses and loops they share, PGD, running an attack or ensemble on batches, accuracy
+over a dataset, and the evaluation of a checkpoint that eval_and_make_adv.py runs (its
+--test_path reader, notes and summary fields). The AutoAttack members (APGD, FAB-T, Square) are
+in autoattack.py, which imports this module; the runner here (`_run_member`) imports it back
+when it runs, so neither import is circular.
 
 Every attack takes a `predict(variables, x) -> logits` function, built once per dynamics
 (see `make_predict`), so the same code attacks standard, linearized and centered models.
@@ -53,6 +55,7 @@ import numpy as np
 import parallel
 from cli import ATTACKS, L2_EPS, L2_STEP_SIZE, NORMS
 from models import dynamics_apply
+from utils import UserError, check_file, decode_keys, restricted_load
 
 SINGLE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "fab-t", "square")
 ENSEMBLES = {
@@ -334,17 +337,7 @@ _pgd_fori = _fori(_pgd_step, _PGD_STATIC)
 _random_start_jit = jax.jit(random_start, static_argnames=("norm",))
 
 
-def _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half):
-    """The last PGD iterate, and with `half` also the iterate after steps // 2."""
-    x = jnp.asarray(x, jnp.float32)
-    x_adv = _random_start_jit(key, x, eps, norm)
-    args = (variables, x, y, eps, step_size)
-    x_half = _iterate(_pgd_step_jit, _pgd_fori, 0, steps // 2, x_adv, *args, predict=predict, norm=norm)
-    x_last = _iterate(_pgd_step_jit, _pgd_fori, steps // 2, steps, x_half, *args, predict=predict, norm=norm)
-    return (x_last, x_half) if half else x_last
-
-
-def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf"):
+def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", with_half=False):
     """Projected gradient descent on the cross-entropy (Madry et al., ICLR 2018).
 
     One seeded random start, then `steps` steps of
@@ -352,14 +345,15 @@ def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf"):
     each followed by a clip to [0, 1] and a projection onto the eps-ball around x.
     Each step is jitted (see the module doc for how they are looped); `steps` is not part of
     any compiled shape, so PGD-20 and PGD-100 share their executables. Returns adversarial
-    images, same shape as x.
+    images, same shape as x; with `with_half`, (those, the iterate after steps // 2) (for the
+    more-steps sanity check).
     """
-    return _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half=False)
-
-
-def _pgd_with_half(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf"):
-    """`pgd` that also returns its iterate after steps // 2 (for the more-steps sanity check)."""
-    return _pgd_iterates(predict, variables, x, y, key, eps, step_size, steps, norm, half=True)
+    x = jnp.asarray(x, jnp.float32)
+    args = (variables, x, y, eps, step_size)
+    x_adv = _random_start_jit(key, x, eps, norm)
+    x_half = _iterate(_pgd_step_jit, _pgd_fori, 0, steps // 2, x_adv, *args, predict=predict, norm=norm)
+    x_last = _iterate(_pgd_step_jit, _pgd_fori, steps // 2, steps, x_half, *args, predict=predict, norm=norm)
+    return (x_last, x_half) if with_half else x_last
 
 
 # --------------------------------------------------------------------------------------
@@ -390,40 +384,35 @@ def _num_classes(predict, variables, x):
     return int(jax.eval_shape(predict, variables, x[:1]).shape[-1])
 
 
-def _one_run(predict, variables, x, y, key, cfg: AttackConfig, m_idx, run_idx, target_rank, restart, valid):
-    """One run of the single attack `cfg` on a batch: (x_adv, PGD's half-steps iterate or None).
-    Keys: PGD fold_in(key, restart) (as the reference-style evaluator); the others
-    fold_in(fold_in(key, 1000 + member index), run index)."""
-    if cfg.name == "pgd":
-        return _pgd_with_half(predict, variables, x, y, jax.random.fold_in(key, restart), cfg.eps, cfg.step_size,
-                              steps=cfg.steps, norm=cfg.norm)
-    k = jax.random.fold_in(jax.random.fold_in(key, 1000 + m_idx), run_idx)
-    if cfg.name in ("apgd-ce", "apgd-dlr"):
-        x_adv = autoattack.apgd(predict, variables, x, y, k, cfg.eps, steps=cfg.steps, norm=cfg.norm,
-                                loss="ce" if cfg.name == "apgd-ce" else "dlr-t", target_rank=target_rank)
-    elif cfg.name == "fab-t":
-        x_adv = autoattack.fab_t(predict, variables, x, y, k, cfg.eps, steps=cfg.fab_steps, norm=cfg.norm,
-                                 target_rank=target_rank, random_start=restart > 0)
-    else:
-        x_adv = autoattack.square(predict, variables, x, y, k, cfg.eps, queries=cfg.square_queries,
-                                  norm=cfg.norm, p_init=cfg.square_p_init, valid=valid)
-    return x_adv, None
-
-
 def _run_member(predict, variables, x, y, key, cfg: AttackConfig, m_idx, valid, num_classes):
     """Every run (restart, target) of the single attack `cfg` on one batch; runs after the first
-    are skipped once every `valid` row is fooled. Returns (x_adv [N, ...]: per example the output
-    of the first run that fools it, else of the last run; fooled [N] bool (host); half_fooled
-    [N] bool (host; PGD stopped at steps // 2) or None)."""
+    are skipped once every `valid` row is fooled. Keys: PGD fold_in(key, restart) (as the
+    reference-style evaluator); the others fold_in(fold_in(key, 1000 + member index), run index).
+    Returns (x_adv [N, ...]: per example the output of the first run that fools it, else of the
+    last run; fooled [N] bool (host); half_fooled [N] bool (host; PGD stopped at steps // 2) or
+    None)."""
+    import autoattack   # here rather than at the top: autoattack imports this module
     y_host = parallel.to_host(y)
     x_out, fooled, half = None, np.zeros(len(y_host), bool), None
     for run_idx, (target_rank, restart) in enumerate(_runs(cfg, num_classes)):
         if run_idx > 0 and np.all(fooled[valid]):
             break
-        x_run, x_half = _one_run(predict, variables, x, y, key, cfg, m_idx, run_idx, target_rank, restart, valid)
-        if x_half is not None:
+        k = (jax.random.fold_in(key, restart) if cfg.name == "pgd" else
+             jax.random.fold_in(jax.random.fold_in(key, 1000 + m_idx), run_idx))
+        if cfg.name == "pgd":
+            x_run, x_half = pgd(predict, variables, x, y, k, cfg.eps, cfg.step_size, steps=cfg.steps, norm=cfg.norm,
+                                with_half=True)
             h = parallel.to_host(_predict_labels(predict, variables, x_half)) != y_host
             half = h if half is None else half | h
+        elif cfg.name in ("apgd-ce", "apgd-dlr"):
+            x_run = autoattack.apgd(predict, variables, x, y, k, cfg.eps, steps=cfg.steps, norm=cfg.norm,
+                                    loss="ce" if cfg.name == "apgd-ce" else "dlr-t", target_rank=target_rank)
+        elif cfg.name == "fab-t":
+            x_run = autoattack.fab_t(predict, variables, x, y, k, cfg.eps, steps=cfg.fab_steps, norm=cfg.norm,
+                                     target_rank=target_rank, random_start=restart > 0)
+        else:
+            x_run = autoattack.square(predict, variables, x, y, k, cfg.eps, queries=cfg.square_queries,
+                                      norm=cfg.norm, p_init=cfg.square_p_init, valid=valid)
         # keep the first fooling point; robust examples take the latest run's output
         x_out = x_run if x_out is None else jnp.where(_bcast(jnp.asarray(fooled), x_run), x_out, x_run)
         fooled = fooled | (parallel.to_host(_predict_labels(predict, variables, x_run)) != y_host)
@@ -440,10 +429,10 @@ def _device_batch(arrays, rows, batch_size):
     return sharded, np.arange(size) < len(taken[0])
 
 
-def _attack_rows(predict, variables, x, y, cfg: AttackConfig, chunk_key, *, batch_size, num_classes,
-                 correct_clean=None, progress=None):
+def _attack_rows(predict, variables, x, y, cfg: AttackConfig, key, *, batch_size, num_classes, correct_clean,
+                 progress=None):
     """Every member of `cfg` over host arrays x [n, ...] (float32) and y [n] (int32), in padded
-    batches of `batch_size`; batch c of every member draws its randomness from chunk_key(c).
+    batches of `batch_size`; batch c of every member draws its randomness from fold_in(key, c).
     Members attack every example, or, for an ensemble on survivors (`cfg.on_survivors`), only the
     examples that are correctly classified (`correct_clean` [n] bool) and not yet fooled, re-batched.
 
@@ -463,8 +452,8 @@ def _attack_rows(predict, variables, x, y, cfg: AttackConfig, chunk_key, *, batc
         for c, start in enumerate(range(0, len(rows), batch_size)):
             idx = rows[start:start + batch_size]
             (xb, yb), valid = _device_batch((x, y), idx, batch_size)
-            x_run, run_fooled, half = _run_member(predict, variables, xb, yb, chunk_key(c), member, m_idx, valid,
-                                                  num_classes)
+            x_run, run_fooled, half = _run_member(predict, variables, xb, yb, jax.random.fold_in(key, c), member,
+                                                  m_idx, valid, num_classes)
             x_run = parallel.to_host(x_run)[:len(idx)]
             keep = fooled[idx].reshape((-1,) + (1,) * (x.ndim - 1))
             x_adv[idx] = np.where(keep, x_adv[idx], x_run)
@@ -479,57 +468,6 @@ def _attack_rows(predict, variables, x, y, cfg: AttackConfig, chunk_key, *, batc
         fooled = fooled | m_fooled
     out.update(x_adv=x_adv, fooled=fooled)
     return out
-
-
-def attack_batch(predict, variables, x, y, key, cfg: AttackConfig, valid=None, num_classes=None):
-    """Run every attack of `cfg` (every restart, every target) on one batch, drawing the
-    randomness from `key`.
-
-    An example is fooled by a single attack if any of its runs misclassifies it (for every attack
-    but pgd also if the clean image is misclassified); it is fooled by `cfg` if any member
-    fools it. `valid` [N] bool marks the real rows of a padded batch (default: all); the others are
-    not attacked. `num_classes` (the logits' width, used by apgd-dlr and fab-t) is found by tracing
-    `predict` when not given.
-
-    Returns a dict of host arrays over the batch:
-      'x_adv' [N, ...]: per example the first fooling point found (in member order), else the
-        last run's output (padded rows: x);
-      'fooled' [N] bool;
-      'fooled_by' {member name: [N] bool}: examples each member fooled (of those it attacked:
-        all, or on survivors those still robust);
-      'pgd_half_fooled' [N] bool: PGD stopped at steps // 2 (only when pgd is a member).
-    """
-    x = np.asarray(parallel.to_host(x), np.float32)
-    y = np.asarray(parallel.to_host(y), np.int32)
-    valid = np.ones(len(y), bool) if valid is None else np.asarray(valid, bool)
-    if num_classes is None:
-        num_classes = _num_classes(predict, variables, jnp.asarray(x[:1]))
-    rows = np.flatnonzero(valid)
-    correct = None
-    if cfg.on_survivors:
-        (xb, _), _ = _device_batch((x, y), rows, max(len(rows), 1))
-        correct = parallel.to_host(_predict_labels(predict, variables, xb))[:len(rows)] == y[rows]
-    res = _attack_rows(predict, variables, x[rows], y[rows], cfg, lambda c: key, batch_size=max(len(rows), 1),
-                       num_classes=num_classes, correct_clean=correct)
-
-    def spread(a, fill):
-        full = np.full((len(y),) + a.shape[1:], fill, a.dtype)
-        full[rows] = a
-        return full
-    x_adv = x.copy()
-    x_adv[rows] = res["x_adv"]
-    out = {"x_adv": x_adv, "fooled": spread(res["fooled"], False),
-           "fooled_by": {name: spread(f, False) for name, _, f in res["members"]}}
-    if "pgd_half_fooled" in res:
-        out["pgd_half_fooled"] = spread(res["pgd_half_fooled"], False)
-    return out
-
-
-def run_attack(predict, variables, x, y, key, cfg: AttackConfig):
-    """Adversarial examples [N, ...] for one batch under `cfg`. With restarts (and targets,
-    and several attacks in an ensemble) an example keeps the first point that fools the
-    model; it counts as robust only if it survives all."""
-    return attack_batch(predict, variables, x, y, key, cfg)["x_adv"]
 
 
 # --------------------------------------------------------------------------------------
@@ -676,8 +614,7 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
             getattr(progress, "refresh", lambda: None)()
         num_classes = (_num_classes(predict, variables, jnp.asarray(x[:1]))
                        if any(m.name in ("apgd-dlr", "fab-t") for m in members) else None)
-        res = _attack_rows(predict, variables, x, y, attack, lambda c: jax.random.fold_in(key, c),
-                           batch_size=batch_size, num_classes=num_classes,
+        res = _attack_rows(predict, variables, x, y, attack, key, batch_size=batch_size, num_classes=num_classes,
                            correct_clean=out["predictions_clean"] == y, progress=progress)
         adv = _predict_pass(predict, variables, res["x_adv"], y, batch_size, components=components)
         out["attack"] = attack.describe()
@@ -693,5 +630,100 @@ def evaluate(predict, variables, x, y, *, batch_size=100, attack: AttackConfig |
     return out
 
 
-# At the bottom: autoattack.py imports this module back (a cycle), so this one is complete first.
-import autoattack  # noqa: E402
+# --------------------------------------------------------------------------------------
+# Evaluating a checkpoint (eval_and_make_adv.py)
+# --------------------------------------------------------------------------------------
+RANGE_TOLERANCE = 1e-5   # pixel values read back may carry float rounding from the attack's arithmetic
+
+
+def load_test_pickle(path, input_shape, num_classes):
+    """Read and check a --test_path pickle {'images': N x C x H x W in [0, 1], 'labels': N} (the
+    adv_examples_*.pkl that eval_and_make_adv.py writes). Returns (images NHWC float32, labels int32)."""
+    check_file(path, "--test_path", "a pickle of images and labels", hints=("adv_examples_*.pkl",))
+    obj = decode_keys(restricted_load(path))
+    if not isinstance(obj, dict) or "images" not in obj or "labels" not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise UserError(f"--test_path {path} must hold a dict with 'images' and 'labels'; found {keys}")
+    images, labels = np.asarray(obj["images"]), np.asarray(obj["labels"])
+    h, w, c = input_shape
+    if images.ndim != 4:
+        raise UserError(f"--test_path images must be N x C x H x W; got shape {images.shape}")
+    if images.shape[1] != c and images.shape[3] == c:
+        raise UserError(f"--test_path images look N x H x W x C {images.shape}; they must be N x C x H x W "
+                        f"(transpose with images.transpose(0, 3, 1, 2))")
+    if tuple(images.shape[1:]) != (c, h, w):
+        raise UserError(f"--test_path images have shape {images.shape[1:]} per image but the model takes "
+                        f"{(c, h, w)} (C x H x W)")
+    if len(images) == 0:
+        raise UserError(f"--test_path {path} holds no images")
+    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
+        raise UserError(f"--test_path images must be numbers; got dtype {images.dtype}")
+    images = images.astype(np.float32)
+    if not np.all(np.isfinite(images)):
+        raise UserError("--test_path images hold NaN or infinite values")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise UserError(f"--test_path pixel values must lie in [0, 1]; found [{lo:g}, {hi:g}]"
+                        + (" (uint8 images? divide by 255)" if hi > 1.5 else ""))
+    images = np.clip(images, 0.0, 1.0)
+    if labels.shape != (len(images),):
+        raise UserError(f"--test_path labels must be a vector of {len(images)} ints; got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+            raise UserError(f"--test_path labels must be integers; got dtype {labels.dtype}")
+    labels = labels.astype(np.int64)
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise UserError(f"--test_path labels must lie in [0, {num_classes - 1}]; found "
+                        f"[{labels.min()}, {labels.max()}]")
+    return images.transpose(0, 2, 3, 1), labels.astype(np.int32)
+
+
+def parameter_notes(meta, dynamics):
+    """Warnings for evaluating a checkpoint with `meta` under `dynamics` that may not be what the
+    user meant: --linear on a phase-1 checkpoint, or dynamics other than the trained ones."""
+    notes = []
+    trained = meta.get("dynamics")
+    if dynamics in ("linear", "centered") and meta.get("phase") == 1:
+        notes.append("this is a phase-1 checkpoint: --linear expands around the trained 'params' "
+                     "towards 'lin_params' (the initial parameters in a constant save, the same "
+                     "parameters in a final one)")
+    if trained is not None and trained != dynamics:
+        notes.append(f"the checkpoint was trained with {trained} dynamics but is evaluated with {dynamics} "
+                     f"(check --linear/--centering)")
+    return notes
+
+
+def evaluate_network(net, dynamics, x, y, attack: AttackConfig | None, *, seed, batch_size, keep_examples=False,
+                     progress=None):
+    """`evaluate` of a checkpoint opened as a network (`checkpoints.open_network`) under `dynamics`,
+    with its f/df components, keyed by PRNGKey(seed). Without an attack the robust fields repeat
+    the clean ones and the 'adversarial' images 'x_adv' are the clean ones."""
+    theta, theta0 = net.parameters(dynamics)
+    res = evaluate(make_predict(net.apply, dynamics), (theta, theta0, net.ckpt["net_state"]), x, y,
+                   batch_size=batch_size, attack=attack, key=jax.random.PRNGKey(seed),
+                   keep_examples=keep_examples and attack is not None, progress=progress,
+                   components=make_components(net.apply, dynamics))
+    if attack is None:
+        res["acc_adv"], res["correct_adv"] = res["acc_clean"], res["correct_clean"]
+        res["predictions_adv"], res["components_adv"] = res["predictions_clean"], res["components_clean"]
+        res["x_adv"] = np.asarray(x, np.float32)
+    return res
+
+
+def summary_fields(res, attack: AttackConfig | None, eps_255=None):
+    """The attack and accuracy fields of an evaluation's JSON summary, from an `evaluate_network`
+    result: the attack's settings (eps_255: the L-inf radius in 1/255 units as given), its
+    `describe()`, the accuracies and counts, the per-attack breakdown, the inputs of zero gradient
+    and the warnings. Without an attack the settings and the robust figures are None."""
+    settings = {} if attack is None else {
+        "attack": attack.name, "norm": attack.norm, "eps": attack.eps,
+        "eps_255": eps_255 if attack.norm == "linf" else None, "steps": attack.steps,
+        "step_size": attack.step_size, "restarts": attack.restarts}
+    return {
+        **{k: settings.get(k) for k in ("attack", "norm", "eps", "eps_255", "steps", "step_size", "restarts")},
+        "attack_config": res.get("attack"),
+        "acc_clean": res["acc_clean"], "acc_robust": None if attack is None else res["acc_adv"],
+        "correct_clean": res["correct_clean"], "correct_robust": None if attack is None else res["correct_adv"],
+        "per_attack": res.get("attacks", {}), "zero_grad_inputs": res["zero_grad_count"],
+        "warnings": res["warnings"],
+    }

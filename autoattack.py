@@ -12,8 +12,8 @@ the `ensemble`), each a function of `predict(variables, x) -> logits` (see `atta
   that only reads the logits (the margin).
 
 They share the geometry, losses and loops of `attacks` (how the jitted steps are looped: its
-module doc). `attacks` imports this module at its bottom, and this module reads `attacks` only
-at call time, so either can be imported first.
+module doc), which this module imports; `attacks` imports this one only inside the function that
+runs a member (`attacks._run_member`), so there is no import cycle.
 """
 from __future__ import annotations
 
@@ -32,13 +32,6 @@ APGD_RHO = 0.75        # rho of condition 1: fraction of steps that must raise t
 # Square's p halves after these iterations (AutoAttack's schedule, not rescaled to the budget)
 SQUARE_SCHEDULE = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 SQUARE_CHECK_EVERY = 100   # Square stops early once every example is fooled (checked this often)
-
-
-@functools.cache
-def _fori_loop(step, static_argnames):
-    """`attacks._fori(step, static_argnames)`, built on first use and then kept (this module reads
-    `attacks` only at call time)."""
-    return attacks._fori(step, static_argnames)
 
 
 # --------------------------------------------------------------------------------------
@@ -137,6 +130,7 @@ def _apgd_step(i, s: ApgdState, variables, x, y, target, eps, is_check, window, 
 
 _APGD_STATIC = ("predict", "norm", "loss")
 _apgd_step_jit = jax.jit(_apgd_step, static_argnames=_APGD_STATIC)
+_apgd_fori = attacks._fori(_apgd_step, _APGD_STATIC)
 
 
 def apgd(predict, variables, x, y, key, eps, *, steps, norm="linf", loss="ce", target_rank=0):
@@ -161,8 +155,8 @@ def apgd(predict, variables, x, y, key, eps, *, steps, norm="linf", loss="ce", t
     x = jnp.asarray(x, jnp.float32)
     is_check, window = (jnp.asarray(t) for t in _checkpoint_tables(steps))
     target, init = _apgd_init(predict, variables, x, y, key, eps, target_rank, norm=norm, loss=loss)
-    s = attacks._iterate(_apgd_step_jit, _fori_loop(_apgd_step, _APGD_STATIC), 0, steps, init,
-                         variables, x, y, target, eps, is_check, window, predict=predict, norm=norm, loss=loss)
+    s = attacks._iterate(_apgd_step_jit, _apgd_fori, 0, steps, init, variables, x, y, target, eps, is_check, window,
+                         predict=predict, norm=norm, loss=loss)
     return attacks._where(s.fooled, s.x_out, s.x_best)
 
 
@@ -279,6 +273,7 @@ def _fab_step(i, s: FabState, variables, x, y, target, *, predict, norm):
 
 _FAB_STATIC = ("predict", "norm")
 _fab_step_jit = jax.jit(_fab_step, static_argnames=_FAB_STATIC)
+_fab_fori = attacks._fori(_fab_step, _FAB_STATIC)
 
 
 def fab_min_norm(predict, variables, x, y, key, eps, *, steps=100, norm="linf", target_rank=0,
@@ -294,8 +289,8 @@ def fab_min_norm(predict, variables, x, y, key, eps, *, steps=100, norm="linf", 
     [0, 1]; they are not bounded by eps."""
     x = jnp.asarray(x, jnp.float32)
     target, init = _fab_init(predict, variables, x, y, key, eps, target_rank, bool(random_start), norm=norm)
-    s = attacks._iterate(_fab_step_jit, _fori_loop(_fab_step, _FAB_STATIC), 0, steps, init, variables, x, y, target,
-                         predict=predict, norm=norm)
+    s = attacks._iterate(_fab_step_jit, _fab_fori, 0, steps, init, variables, x, y, target, predict=predict,
+                         norm=norm)
     return s.x_best, s.dist
 
 
@@ -484,6 +479,7 @@ def _square_step(i, s: SquareState, variables, x, y, key, eps, sizes, *, predict
 
 _SQUARE_STATIC = ("predict", "norm")
 _square_step_jit = jax.jit(_square_step, static_argnames=_SQUARE_STATIC)
+_square_fori = attacks._fori(_square_step, _SQUARE_STATIC)
 
 
 def square(predict, variables, x, y, key, eps, *, queries=5000, norm="linf", p_init=0.8, valid=None):
@@ -514,6 +510,6 @@ def square(predict, variables, x, y, key, eps, *, queries=5000, norm="linf", p_i
         if not traced and np.all(parallel.to_host(state.margin)[valid] <= 0):
             break
         hi = min(lo + SQUARE_CHECK_EVERY, queries)
-        state = attacks._iterate(_square_step_jit, _fori_loop(_square_step, _SQUARE_STATIC), lo, hi, state,
-                                 variables, x, y, k_steps, eps, sizes, predict=predict, norm=norm)
+        state = attacks._iterate(_square_step_jit, _square_fori, lo, hi, state, variables, x, y, k_steps, eps, sizes,
+                                 predict=predict, norm=norm)
     return state.x_best

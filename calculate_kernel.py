@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import NamedTuple
 
 import numpy as np
 
@@ -100,40 +99,15 @@ def output_path(model_path, bonus_dir, save_name, class_index, n):
     return os.path.join(cli.output_dir(model_path, bonus_dir), f"{save_name}{cli.class_suffix(class_index, n)}.pkl")
 
 
-class KernelSource(NamedTuple):
-    """What kernel_images needs of a network: a checkpoints.Network, or an architecture."""
-    dataset: str
-    num_classes: int
-    input_shape: tuple | None   # None: any (an architecture takes the dataset's images)
-    path: str
-
-
-def kernel_images(args, net):
-    """The class-balanced training images of the kernel: (x, labels, indices)."""
-    import data
-    if args.dataset_size % net.num_classes:
-        raise UserError(f"--dataset_size {args.dataset_size} is not divisible by the number of classes "
-                        f"({net.num_classes}) of {net.dataset}")
-    ds = data.load_dataset(net.dataset, args.data_dir)
-    per_class = args.dataset_size // net.num_classes
-    smallest = int(np.bincount(ds.y_train, minlength=net.num_classes).min())
-    if per_class > smallest:
-        raise UserError(f"--dataset_size {args.dataset_size} needs {per_class} images per class but the "
-                        f"{net.dataset} training split has only {smallest} of its rarest class: use at most "
-                        f"{smallest * net.num_classes}")
-    if net.input_shape is not None and ds.input_shape != net.input_shape:
-        raise UserError(f"{net.dataset} images are {ds.input_shape} but {net.path} was made for {net.input_shape}")
-    return data.balanced_subset(ds.x_train, ds.y_train, args.dataset_size, args.random_seed, net.num_classes,
-                                what="--dataset_size")
-
-
 # What a kernel is made from: the keys of a kernel file that must agree for a rerun to replace it.
 INPUT_KEYS = ("model_path", "use_linear_params", "class_index", "dataset_size", "random_seed", "dataset", "model",
               "width")
 
 
 def kernel_inputs(args, net):
-    return {"model_path": os.path.abspath(args.model_path), "use_linear_params": bool(args.use_linear_params),
+    """What a kernel file is made from (its 'inputs'), the checkpoint by content (utils.file_record)."""
+    import utils
+    return {"model_path": utils.file_record(args.model_path), "use_linear_params": bool(args.use_linear_params),
             "class_index": args.class_index, "dataset_size": args.dataset_size, "random_seed": args.random_seed,
             "dataset": net.dataset, "model": net.model, "width": net.width}
 
@@ -143,28 +117,11 @@ def check_output(out_path, inputs, keys=INPUT_KEYS, way_out=None):
     of the same run, another seed, another architecture) is never replaced: one line says so and
     how to keep both."""
     import utils
-    existing = utils.existing_files([out_path])
-    recorded = None
-    if existing:
-        try:
-            obj = utils.restricted_load(out_path)
-            recorded = {k: obj[k] for k in keys if k in obj} if isinstance(obj, dict) else None
-        except UserError:
-            pass
     if way_out is None:
-        stem = os.path.splitext(os.path.basename(inputs["model_path"]))[0].replace("parameters_", "")
+        stem = os.path.splitext(os.path.basename(inputs["model_path"]["path"]))[0].replace("parameters_", "")
         way_out = (f"to keep both, name this one with --save_name (e.g. --save_name saved_kernel_{stem}) or "
                    f"--bonus_dir")
-    utils.check_replace(existing, recorded, inputs, "a kernel", way_out)
-
-
-def print_plan(f, params, net, args, n):
-    import ntk
-    plan = ntk.make_plan(f, params, net.input_shape, net.num_classes, args.class_index, args.memory_gb,
-                         args.method, n=n)
-    print(f"engine: {len(plan.layers)} conv/dense layers intercepted "
-          f"({sum(l.structured for l in plan.layers)} structured), {plan.row_floats / 1e6:.2f}M floats "
-          f"per image row, gradient chunks of {plan.chunk}, blocks of {plan.block} rows, panels of {plan.panel_blocks} blocks")
+    utils.check_outputs([out_path], inputs, "a kernel", way_out, keys=keys)
 
 
 def run(args):
@@ -186,14 +143,16 @@ def run(args):
             raise UserError(f"--{flag} is for infinite-width kernels (--arch); a checkpoint's kernel is its empirical NTK")
     net = checkpoints.open_network(args.model_path, model=args.model, width=args.width, dataset=args.dataset)
     cli.check_class_index(args.class_index, net.num_classes, net.dataset)
-    x, labels, indices = kernel_images(args, net)
+    x, labels, indices = ntk.kernel_images(net.dataset, net.num_classes, args.dataset_size, args.random_seed,
+                                           args.data_dir, net.input_shape, net.path)
     out_path = output_path(args.model_path, args.bonus_dir, args.save_name, args.class_index, args.dataset_size)
     inputs = kernel_inputs(args, net)
     check_output(out_path, inputs)
     utils.check_writable_dir(os.path.dirname(out_path), "--bonus_dir")
     f, params = net.kernel_fn(args.use_linear_params)
     if args.show_progress:
-        print_plan(f, params, net, args, len(x))
+        print(ntk.describe_plan(ntk.make_plan(f, params, net.input_shape, net.num_classes, args.class_index,
+                                              args.memory_gb, args.method, n=len(x))))
     which = "mean over logits" if args.class_index == -1 else f"class {args.class_index}"
     print(f"NTK of {net.model} (width {net.width}) on {len(x)} {net.dataset} training images, {which}, at "
           f"{'lin_params' if args.use_linear_params else 'params'}")
@@ -210,11 +169,19 @@ def run(args):
               "class_index": args.class_index, "model": net.model, "width": net.width, "num_classes": net.num_classes,
               "use_linear_params": bool(args.use_linear_params), "dataset_size": len(x),
               "random_seed": args.random_seed, "model_path": os.path.abspath(args.model_path), "seconds": seconds,
-              "engine": stats}
+              "engine": stats, "inputs": inputs}
+    return save_kernel(out_path, result, f" ({stats['example_gradients']} image gradients)")
+
+
+def save_kernel(out_path, result, counts=""):
+    """Write `result` to out_path and report its kernel's size, time (and `counts`) and spectrum;
+    returns `result` plus 'path'."""
+    import utils
     utils.atomic_pickle(out_path, result)
+    kernel, n = result["kernel"], len(result["kernel"])
     evals = np.linalg.eigvalsh(kernel)
-    print(f"{len(x)} x {len(x)} kernel in {seconds:.1f} s ({stats['example_gradients']} image gradients); "
-          f"eigenvalues {evals[-1]:.4g} .. {evals[0]:.4g}, trace {np.trace(kernel):.4g}")
+    print(f"{n} x {n} kernel in {result['seconds']:.1f} s{counts}; eigenvalues {evals[-1]:.4g} .. {evals[0]:.4g}, "
+          f"trace {np.trace(kernel):.4g}")
     print(f"wrote {out_path}")
     result["path"] = out_path
     return result
@@ -230,6 +197,7 @@ def run_infinite(args):
     """The analytic infinite-width kernel of --arch on the kernel images; saved like run()."""
     import data
     import infinite
+    import ntk
     import utils
 
     if args.model_path is not None:
@@ -255,7 +223,7 @@ def run_infinite(args):
     net = infinite.architecture(args.arch, args.depth, width=width, W_std=args.W_std, b_std=args.b_std or None,
                                 parameterization=args.parameterization)
     record = architecture_record(args, width)
-    x, labels, indices = kernel_images(args, KernelSource(dataset, num_classes, None, "--arch"))
+    x, labels, indices = ntk.kernel_images(dataset, num_classes, args.dataset_size, args.random_seed, args.data_dir)
     try:
         infinite.output_shape(net.kernel_fn.ops, x.shape[1:])
     except ValueError as e:
@@ -278,14 +246,8 @@ def run_infinite(args):
     if not np.all(np.isfinite(kernel)):
         raise UserError("the infinite-width kernel holds non-finite values: check --W_std and --b_std")
     result = {**inputs, "kernel": np.asarray(kernel, np.float64), "labels": labels, "indices": indices,
-              "num_classes": num_classes, "seconds": seconds, "engine": stats}
-    utils.atomic_pickle(out_path, result)
-    evals = np.linalg.eigvalsh(result["kernel"])
-    print(f"{len(x)} x {len(x)} kernel in {seconds:.1f} s; eigenvalues {evals[-1]:.4g} .. {evals[0]:.4g}, "
-          f"trace {np.trace(result['kernel']):.4g}")
-    print(f"wrote {out_path}")
-    result["path"] = out_path
-    return result
+              "num_classes": num_classes, "seconds": seconds, "engine": stats, "inputs": inputs}
+    return save_kernel(out_path, result)
 
 
 def main(argv=None):

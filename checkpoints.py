@@ -179,7 +179,7 @@ class Network:
         meta = ckpt["meta"]
         self.path, self.meta = path, meta
         self.model = resolve(meta, path, "model", model)
-        if self.model not in models.MODELS:
+        if self.model not in models.NETWORKS:
             raise UserError(f"{path} names an unknown model {self.model!r}")
         self.width = int(resolve(meta, path, "width", width))
         self.dataset = resolve(meta, path, "dataset", dataset)

@@ -10,6 +10,7 @@ import os
 import data
 from utils import UserError
 
+# The networks of models.NETWORKS (named here too, so --help needs no JAX; test_models checks they agree).
 MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear")
 DATASETS = data.DATASETS
 # GiB of per-image gradient rows the NTK engine may hold at once (ntk.empirical_ntk).
@@ -171,6 +172,13 @@ def add_attack_args(p):
     p.add_argument("--square_p_init", type=fraction, default=0.8,
                    help="Square's initial fraction of the pixels changed per query, halved on "
                         "AutoAttack's schedule (AutoAttack: 0.8).")
+
+
+def check_eps(eps, flag="--eps"):
+    """An L-inf radius in pixel units out of 255: from 0 to 255 (255 is the whole pixel range)."""
+    from utils import UserError
+    if not 0 <= eps <= 255:   # also refuses nan
+        raise UserError(f"{flag} is in 1/255 units (8 means 8/255) and must lie in [0, 255] (got {eps})")
 
 
 def check_attack_args(args, steps_flag):

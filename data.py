@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from utils import UserError, restricted_load
+from utils import Notice, UserError, restricted_load
 
 # Image shape (H, W, C) of each dataset, known without loading it.
 INPUT_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
@@ -130,7 +130,7 @@ def load_cifar(name, data_dir, download=True):
     bad = [f for f, md5 in present if _md5(os.path.join(folder, f)) != md5]
     if bad:
         warnings.warn(f"{name} files in {folder} do not match the published md5 sums "
-                      f"({', '.join(bad)}): not the canonical set", stacklevel=2)
+                      f"({', '.join(bad)}): not the canonical set", Notice, stacklevel=2)
     parts = [_read_batch(os.path.join(folder, f), spec.label_key) for f, _ in spec.train]
     x_tr = np.concatenate([p[0] for p in parts])
     y_tr = np.concatenate([p[1] for p in parts])

@@ -32,10 +32,6 @@ import numpy as np
 import cli
 from utils import UserError
 
-# Pixel values may carry float rounding from the attack's own arithmetic.
-RANGE_TOLERANCE = 1e-5
-
-
 EXAMPLES = [
     "python eval_and_make_adv.py --model_path runs/phase2_centered/parameters_final.pkl --linear --centering "
     "--save_examples --bonus_dir test_results",
@@ -75,7 +71,8 @@ def build_parser():
     p.add_argument("--eps", type=float, default=4.0, help="L-inf radius in 1/255 units")
     # Beyond the reference
     p.add_argument("--test_size", type=int, default=None,
-                   help="evaluate the first N test images only (default: all)")
+                   help="evaluate on a seeded class-balanced subset of this many test images, the one run_exp.py "
+                        "evaluates the run on (seed: the checkpoint's --random_seed) (default: all)")
     p.add_argument("--norm", default="linf", choices=cli.NORMS,
                    help="threat model: 'linf' (radius --eps/255) or 'l2' (radius --l2_eps)")
     p.add_argument("--l2_eps", type=float, default=cli.L2_EPS,
@@ -96,6 +93,7 @@ def build_parser():
 def _check_args(args):
     if not (0 <= args.eps < float("inf") and 0 <= args.l2_eps < float("inf")):
         raise UserError(f"--eps and --l2_eps must be >= 0 and finite (got {args.eps:g} and {args.l2_eps:g})")
+    cli.check_eps(args.eps)
     cli.check_attack_args(args, "pgd_steps")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
@@ -106,63 +104,15 @@ def _check_args(args):
 
 
 def load_test_pickle(path, input_shape, num_classes):
-    """Read and check a --test_path pickle. Returns (images NHWC float32, labels int32)."""
-    from utils import check_file, decode_keys, restricted_load
-    check_file(path, "--test_path", "a pickle of images and labels", hints=("adv_examples_*.pkl",))
-    obj = decode_keys(restricted_load(path))
-    if not isinstance(obj, dict) or "images" not in obj or "labels" not in obj:
-        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise UserError(f"--test_path {path} must hold a dict with 'images' and 'labels'; found {keys}")
-    images, labels = np.asarray(obj["images"]), np.asarray(obj["labels"])
-    h, w, c = input_shape
-    if images.ndim != 4:
-        raise UserError(f"--test_path images must be N x C x H x W; got shape {images.shape}")
-    if images.shape[1] != c and images.shape[3] == c:
-        raise UserError(f"--test_path images look N x H x W x C {images.shape}; they must be N x C x H x W "
-                        f"(transpose with images.transpose(0, 3, 1, 2))")
-    if tuple(images.shape[1:]) != (c, h, w):
-        raise UserError(f"--test_path images have shape {images.shape[1:]} per image but the model takes "
-                        f"{(c, h, w)} (C x H x W)")
-    if len(images) == 0:
-        raise UserError(f"--test_path {path} holds no images")
-    if not (np.issubdtype(images.dtype, np.floating) or np.issubdtype(images.dtype, np.integer)):
-        raise UserError(f"--test_path images must be numbers; got dtype {images.dtype}")
-    images = images.astype(np.float32)
-    if not np.all(np.isfinite(images)):
-        raise UserError("--test_path images hold NaN or infinite values")
-    lo, hi = float(images.min()), float(images.max())
-    if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
-        raise UserError(f"--test_path pixel values must lie in [0, 1]; found [{lo:g}, {hi:g}]"
-                        + (" (uint8 images? divide by 255)" if hi > 1.5 else ""))
-    images = np.clip(images, 0.0, 1.0)
-    if labels.shape != (len(images),):
-        raise UserError(f"--test_path labels must be a vector of {len(images)} ints; got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
-            raise UserError(f"--test_path labels must be integers; got dtype {labels.dtype}")
-    labels = labels.astype(np.int64)
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise UserError(f"--test_path labels must lie in [0, {num_classes - 1}]; found "
-                        f"[{labels.min()}, {labels.max()}]")
-    return images.transpose(0, 2, 3, 1), labels.astype(np.int32)
-
-
-def parameter_notes(meta, dynamics):
-    """Warnings for an evaluation that may not be what the user meant."""
-    notes = []
-    trained = meta.get("dynamics")
-    if dynamics in ("linear", "centered") and meta.get("phase") == 1:
-        notes.append("this is a phase-1 checkpoint: --linear expands around the trained 'params' "
-                     "towards 'lin_params' (the initial parameters in a constant save, the same "
-                     "parameters in a final one)")
-    if trained is not None and trained != dynamics:
-        notes.append(f"the checkpoint was trained with {trained} dynamics but is evaluated with {dynamics} "
-                     f"(check --linear/--centering)")
-    return notes
+    """(images NHWC float32, labels int32) of a --test_path pickle, read and checked by
+    `attacks.load_test_pickle` (imported here, so that the script loads JAX only when it runs)."""
+    import attacks
+    return attacks.load_test_pickle(path, input_shape, num_classes)
 
 
 def load_images(args, net):
-    """The images to evaluate: (x NHWC, y, description, number available before --test_size/--short)."""
+    """The images to evaluate: (x NHWC, y, description, number available before --test_size/--short).
+    --test_size takes the seeded class-balanced subset, the meaning it has in every script."""
     import data
     if args.test_path is not None:
         x, y = load_test_pickle(args.test_path, net.input_shape, net.num_classes)
@@ -172,12 +122,19 @@ def load_images(args, net):
         if tuple(ds.input_shape) != net.input_shape:
             raise UserError(f"{net.dataset} images are {ds.input_shape} but {net.path} was made for {net.input_shape}")
         x, y, source = ds.x_test, ds.y_test, f"{net.dataset} test split"
-    limit = len(x)
-    if args.test_size is not None:
-        limit = min(limit, args.test_size)
+    n_available = len(x)
+    if args.test_size is not None:   # the subset run_exp.py's --test_size evaluates the run on
+        x, y, _ = data.balanced_subset(x, y, args.test_size, subset_seed(args, net), net.num_classes, "--test_size")
     if args.short:
-        limit = min(limit, 10 * args.batch_size)
-    return x[:limit], y[:limit], source, len(x)
+        x, y = x[:10 * args.batch_size], y[:10 * args.batch_size]
+    return x, y, source, n_available
+
+
+def subset_seed(args, net):
+    """The seed of the --test_size subset: the run's own --random_seed (the checkpoint's meta), so
+    a network is scored on the images run_exp.py scored it on; else --random_seed."""
+    seed = net.meta.get("random_seed")
+    return args.random_seed if seed is None else int(seed)
 
 
 def attack_config(args):
@@ -189,45 +146,19 @@ def attack_config(args):
     return attacks.attack_from_args(args, args.norm, eps, args.pgd_steps, args.step_size)
 
 
-def evaluate(args, net, dynamics, x, y, cfg):
-    """attacks.evaluate on the network's `dynamics`; under --no_adv the robust fields repeat the
-    clean ones and the 'adversarial' images are the clean ones."""
-    import jax
-    from tqdm import tqdm
-
-    import attacks
-    what = "clean only" if cfg is None else f"{cfg.name} {cfg.norm} eps={cfg.eps:.5g} steps={cfg.steps} restarts={cfg.restarts}"
-    theta, theta0 = net.parameters(dynamics)
-    with tqdm(total=len(x), desc=f"eval {what}", unit="img", disable=args.no_progress or None) as bar:
-        res = attacks.evaluate(attacks.make_predict(net.apply, dynamics), (theta, theta0, net.ckpt["net_state"]),
-                               x, y, batch_size=args.batch_size, attack=cfg, key=jax.random.PRNGKey(args.random_seed),
-                               keep_examples=args.save_examples and cfg is not None, progress=bar,
-                               components=attacks.make_components(net.apply, dynamics))
-    if cfg is None:
-        res["acc_adv"], res["correct_adv"] = res["acc_clean"], res["correct_clean"]
-        res["predictions_adv"], res["components_adv"] = res["predictions_clean"], res["components_clean"]
-        res["x_adv"] = np.asarray(x, np.float32)
-    return res
-
-
 def summarize(args, net, dynamics, cfg, res, source, n_available, notes, files, seconds):
     """The JSON summary of one evaluation."""
+    import attacks
     import checkpoints
     import utils
-    attack = {} if cfg is None else {"attack": cfg.name, "norm": cfg.norm, "eps": cfg.eps,
-                                     "eps_255": args.eps if cfg.norm == "linf" else None, "steps": cfg.steps,
-                                     "step_size": cfg.step_size, "restarts": cfg.restarts}
     return {
         "model_path": net.path, "model": net.model, "width": net.width, "num_classes": net.num_classes,
         "dataset": net.dataset, "images": source, "n_images": res["n"], "n_available": n_available,
         "dynamics": dynamics, "parameters": checkpoints.describe_parameters(dynamics),
-        **{k: attack.get(k) for k in ("attack", "norm", "eps", "eps_255", "steps", "step_size", "restarts")},
-        "attack_config": res.get("attack"),
-        "acc_clean": res["acc_clean"], "acc_robust": None if cfg is None else res["acc_adv"],
-        "correct_clean": res["correct_clean"], "correct_robust": None if cfg is None else res["correct_adv"],
-        "per_attack": res.get("attacks", {}), "zero_grad_inputs": res["zero_grad_count"],
-        "warnings": res["warnings"],
+        **attacks.summary_fields(res, cfg, eps_255=args.eps),
         "notes": notes + (["--no_adv: no attack was run; robust = clean"] if cfg is None else []),
+        "test_subset": None if args.test_size is None else {"size": args.test_size, "seed": subset_seed(args, net),
+                                                            "kind": "seeded class-balanced"},
         "random_seed": args.random_seed, "seconds": round(seconds, 2), "git": utils.git_hash(), "files": files,
     }
 
@@ -238,35 +169,22 @@ NOT_INPUTS = ("save_name", "bonus_dir", "no_progress", "save_examples", "data_di
 
 
 def eval_inputs(args, net):
-    """What an evaluation's outputs are made from: the flags, with paths absolute and the
-    network as resolved from the checkpoint. Recorded in the JSON summary as 'inputs'."""
-    import os
-    inputs = {k: v for k, v in vars(args).items() if k not in NOT_INPUTS}
-    inputs.update(model_path=os.path.abspath(args.model_path), model=net.model, width=net.width, dataset=net.dataset,
-                  test_path=None if args.test_path is None else os.path.abspath(args.test_path))
-    return inputs
-
-
-def check_outputs(paths, inputs):
-    """A rerun with the same inputs may replace the outputs; other inputs must not (one line)."""
-    import json
-
+    """What an evaluation's outputs are made from: the flags, with input files by content
+    (utils.file_record) and the network as resolved from the checkpoint. Recorded in the JSON
+    summary as 'inputs'."""
     import utils
-    existing = utils.existing_files(paths.values())
-    recorded = None
-    if existing:
-        try:
-            with open(paths["summary"]) as f:
-                recorded = json.load(f).get("inputs")
-        except (OSError, ValueError, AttributeError):
-            pass
-    utils.check_replace(existing, recorded, inputs, "an evaluation",
-                        "give another --save_name or --bonus_dir, or delete those files")
+    inputs = {k: v for k, v in vars(args).items() if k not in NOT_INPUTS}
+    inputs.update(model_path=utils.file_record(args.model_path), model=net.model, width=net.width, dataset=net.dataset,
+                  test_path=None if args.test_path is None else utils.file_record(args.test_path))
+    return inputs
 
 
 # --------------------------------------------------------------------------------------
 def run(args):
     """Evaluate `args.model_path`; write the outputs; return the summary dict."""
+    from tqdm import tqdm
+
+    import attacks
     import checkpoints
     import utils
 
@@ -278,17 +196,22 @@ def run(args):
     cfg = attack_config(args)
     paths = cli.eval_files(out_dir, args.save_name)
     inputs = eval_inputs(args, net)
-    check_outputs(paths, inputs)
+    utils.check_outputs(list(paths.values()), inputs, "an evaluation",
+                        "give another --save_name or --bonus_dir, or delete those files", record=paths["summary"])
     utils.check_writable_dir(out_dir, "--bonus_dir")
-    notes = parameter_notes(net.meta, dynamics)
+    notes = attacks.parameter_notes(net.meta, dynamics)
     for note in notes:
         print(f"note: {note}")
 
     t0 = time.time()
-    res = evaluate(args, net, dynamics, x, y, cfg)
+    what = "clean only" if cfg is None else f"{cfg.name} {cfg.norm} eps={cfg.eps:.5g} steps={cfg.steps} restarts={cfg.restarts}"
+    with tqdm(total=len(x), desc=f"eval {what}", unit="img", disable=args.no_progress or None) as bar:
+        res = attacks.evaluate_network(net, dynamics, x, y, cfg, seed=args.random_seed, batch_size=args.batch_size,
+                                       keep_examples=args.save_examples, progress=bar)
     files = [paths["results"], paths["summary"]] + ([paths["examples"]] if args.save_examples else [])
     summary = summarize(args, net, dynamics, cfg, res, source, n_available, notes, files, time.time() - t0)
     summary["inputs"] = inputs
+    utils.begin_outputs(paths["summary"], inputs)   # the summary, written last, records the inputs
     utils.atomic_pickle(paths["results"], {
         "acc_clean": res["acc_clean"], "acc_dirty": res["acc_adv"],
         "predictions_clean": res["predictions_clean"], "predictions_dirty": res["predictions_adv"],
@@ -298,6 +221,7 @@ def run(args):
         utils.atomic_pickle(paths["examples"], {"images": np.ascontiguousarray(res["x_adv"].transpose(0, 3, 1, 2)),
                                                 "labels": np.asarray(y)})
     utils.atomic_json(paths["summary"], summary)
+    utils.end_outputs(paths["summary"])
 
     robust = "n/a (--no_adv)" if cfg is None else f"{res['acc_adv']:.4f}"
     print(f"{len(x)} images, dynamics={dynamics}: clean {res['acc_clean']:.4f}, robust {robust}")

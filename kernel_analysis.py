@@ -4,7 +4,8 @@ Three groups, all free of file I/O and of any particular network:
 
 * **Kernel motion** across checkpoints: the kernel distance d(K1, K2), the polar dynamics of
   a sequence of kernels against the first one (also restricted to the top-k / bottom-k
-  eigenspaces), and the fraction of eigenvalue mass in the top k eigenvalues.
+  eigenspaces), the fraction of eigenvalue mass in the top k eigenvalues, and all of these for
+  one run's checkpoints (`kernel_motion`).
 * **Kernel predictor and eigen-features**: f(x) = K(x,X) (K(X,X) + r I)^-1 Y and its
   decomposition f = sum_i f_i along the eigenvectors of K(X,X).
 * **Training-free attacks** on the kernel predictor (FGSM, PGD), for any differentiable
@@ -144,6 +145,59 @@ def eigenvalue_mass(evals, k_count):
     return float(min(1.0, sq[:k_count].sum() / total))
 
 
+# The m of the top-m eigenvalue masses in `kernel_motion`.
+MASS_KS = (10, 20)
+# The formulas of `kernel_motion`'s numbers, in words (recorded in analyze_ntk.py's dynamics.json).
+MOTION_DEFINITIONS = {
+    "distance": "d(K1,K2) = 1 - <K1,K2>_F / (|K1|_F |K2|_F)",
+    "radius": "|K_t - K_0|_F / |K_T - K_0|_F",
+    "angle": "arccos(<K_t,K_0>_F / (|K_t|_F |K_0|_F)) in radians",
+    "top/bottom": "K_t restricted to its own k largest / smallest eigenvalues (U_k diag(l_k) U_k^T)",
+    "mass_topm": "sum_{i<=m} l_i^2 / sum_i l_i^2",
+    "velocity": "d(K_{t-1}, K_t) / (epoch_t - epoch_{t-1})"}
+
+
+def kernel_motion(epochs, kernels, k_count):
+    """Every number of one run's kernels K_t at `epochs` (increasing), as JSON-ready lists:
+    'distance_matrix' d(K_s, K_t), 'distance_to_init' d(K_0, K_t), 'velocity'
+    d(K_{t-1}, K_t) / (epoch_t - epoch_{t-1}) (None at t = 0 and for repeated epochs), 'polar'
+    (`eigenspace_polar_dynamics` with k = k_count), 'mass' (top-m eigenvalue mass for m in
+    MASS_KS), 'frobenius_norm', 'trace' and 'eigenvalues_top' (the max(MASS_KS) largest)."""
+    spectra = [eigh_desc(kernel)[0] for kernel in kernels]
+    dist = distance_matrix(kernels)
+    velocity = [None] + [float(dist[t - 1, t] / (epochs[t] - epochs[t - 1])) if epochs[t] > epochs[t - 1] else None
+                         for t in range(1, len(epochs))]
+    return {
+        "epochs": list(map(float, epochs)),
+        "distance_matrix": dist.tolist(),
+        "distance_to_init": dist[0].tolist(),
+        "velocity": velocity,
+        "polar": eigenspace_polar_dynamics(kernels, k_count),
+        "mass": {f"top{m}": [eigenvalue_mass(spectrum, m) for spectrum in spectra] for m in MASS_KS},
+        "frobenius_norm": [float(np.linalg.norm(kernel)) for kernel in kernels],
+        "trace": [float(np.trace(kernel)) for kernel in kernels],
+        "eigenvalues_top": [spectrum[:max(MASS_KS)].tolist() for spectrum in spectra],
+    }
+
+
+def motion_report(label, motion):
+    """One run's `kernel_motion` in words: final distance to K_0, the epoch at which the radius
+    reaches half its final value, the top-10 mass at the start and end; and a note when K_0 is
+    far larger than the later kernels (then the radius says little)."""
+    e = motion["epochs"]
+    half = next((ep for ep, rad in zip(e, motion["polar"]["full"]["radius"]) if rad >= 0.5), None)
+    lines = [f"{label}: {len(e)} checkpoints (epochs {e[0]:g}..{e[-1]:g}); final d(K_0, K_T) = "
+             f"{motion['distance_to_init'][-1]:.4f}; half of the final radius reached at epoch {half}; "
+             f"top-10 mass {motion['mass']['top10'][0]:.3f} -> {motion['mass']['top10'][-1]:.3f}"]
+    norms = motion["frobenius_norm"]
+    if len(norms) > 1 and norms[0] > 100 * np.median(norms[1:]):
+        lines.append(f"note ({label}): |K_0|_F is {norms[0] / np.median(norms[1:]):.3g} times the median of the later "
+                     "kernels (with BatchNorm, the epoch-0 kernel uses initial running statistics), so |K_t - K_0| "
+                     "is about |K_0| at every t and the radius stays near 1; the angle and the kernel distance are "
+                     "scale-free and remain informative")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------
 # Kernel predictor and eigen-features
 # --------------------------------------------------------------------------------------
@@ -162,18 +216,24 @@ class EigenPredictor(dict):
     coefs[i] = u_i^T Y / (lambda_i + ridge), 'alpha' [n, C] = (K + ridge I)^-1 Y, 'ridge'."""
 
 
-def fit_kernel_predictor(k_train_train, y_targets, ridge):
-    """Fit f(x) = K(x,X) (K(X,X) + ridge I)^-1 Y through one eigen-decomposition of K(X,X).
-
-    Returns an `EigenPredictor`. Using the same decomposition for alpha and for the
-    eigen-features makes sum_i f_i = f hold to rounding error."""
-    evals, evecs = eigh_desc(k_train_train)
+def eigen_predictor(evals, evecs, y_targets, ridge):
+    """The `EigenPredictor` of K = U diag(evals) U^T (evals descending, evecs U): alpha =
+    (K + ridge I)^-1 Y through `eigen_solve`. Y is [n, C] (or [n]: coefs and alpha are [n]).
+    Raises ValueError when K + ridge I is not positive definite."""
     shifted = evals + ridge
     if np.any(shifted <= 0):
         raise ValueError(f"K + ridge I is not positive definite (smallest eigenvalue {shifted.min():.3g}); "
                          "increase the ridge")
     coefs, alpha = eigen_solve(evals, evecs, y_targets, ridge)   # [n, C] each
     return EigenPredictor(evals=evals, evecs=evecs, coefs=coefs, alpha=alpha, ridge=float(ridge))
+
+
+def fit_kernel_predictor(k_train_train, y_targets, ridge):
+    """Fit f(x) = K(x,X) (K(X,X) + ridge I)^-1 Y through one eigen-decomposition of K(X,X).
+
+    Returns an `EigenPredictor`. Using the same decomposition for alpha and for the
+    eigen-features makes sum_i f_i = f hold to rounding error."""
+    return eigen_predictor(*eigh_desc(k_train_train), y_targets, ridge)
 
 
 def kernel_predict(k_test_train, predictor):

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cli import MODELS  # the names are command-line vocabulary (cli.py)
 
 DYNAMICS = ("standard", "linear", "centered", "standard_centered")
 
@@ -114,19 +113,26 @@ def get_model(name, num_classes, width=64):
     that takes `apply` (or a closure keyed on it) traces once per network, not once per
     checkpoint opened (`analyze_ntk.py dynamics` opens dozens).
     """
-    if name == "resnet18":
-        def net(x, is_training):
-            return ResNet18(num_classes, width)(x, is_training)
-    elif name == "mlp_skinny":
-        net = _mlp((256, 256), num_classes)
-    elif name == "mlp_wide":
-        net = _mlp((2048, 2048), num_classes)
-    elif name == "linear":
-        net = _mlp((), num_classes)
-    else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    transformed = hk.transform_with_state(net)
+    if name not in NETWORKS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NETWORKS)}")
+    transformed = hk.transform_with_state(NETWORKS[name](num_classes, width))
     return transformed.init, transformed.apply
+
+
+def _resnet18(num_classes, width):
+    def net(x, is_training):
+        return ResNet18(num_classes, width)(x, is_training)
+    return net
+
+
+# The networks by name (cli.MODELS, the command line's choices, lists the same names; a test
+# checks it): name -> (num_classes, width) -> the Haiku function net(x, is_training).
+NETWORKS = {
+    "resnet18": _resnet18,
+    "mlp_skinny": lambda num_classes, width: _mlp((256, 256), num_classes),
+    "mlp_wide": lambda num_classes, width: _mlp((2048, 2048), num_classes),
+    "linear": lambda num_classes, width: _mlp((), num_classes),
+}
 
 
 def tree_sub(a, b):

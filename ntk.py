@@ -58,8 +58,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import data
 import parallel
 from cli import DEFAULT_MEMORY_GB, NTK_METHODS as METHODS
+from utils import UserError
 # Examples per jitted gradient call: large enough for efficient batched matmuls, small enough
 # that the transient activations stay a fraction of the budget.
 MAX_CHUNK = 64
@@ -337,6 +339,15 @@ def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=D
     return Plan(method, k, layers, row, chunk, block, panel_blocks)
 
 
+def describe_plan(plan):
+    """One line on a plan: the layers intercepted, the floats of an image's row, the chunk, block
+    and panel sizes."""
+    return (f"engine: {len(plan.layers)} conv/dense layers intercepted "
+            f"({sum(l.structured for l in plan.layers)} structured), {plan.row_floats / 1e6:.2f}M floats "
+            f"per image row, gradient chunks of {plan.chunk}, blocks of {plan.block} rows, panels of "
+            f"{plan.panel_blocks} blocks")
+
+
 # --------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------
@@ -568,5 +579,29 @@ def flops_floor(params, n, k=1):
     return n * (n + 1) / 2 * 2 * p * k
 
 
+# --------------------------------------------------------------------------------------
+# The images of a kernel file (calculate_kernel.py: a checkpoint's kernel, or an --arch's)
+# --------------------------------------------------------------------------------------
+def kernel_images(dataset, num_classes, size, seed, data_dir, input_shape=None, made_for=None):
+    """The training images of a kernel: size / num_classes per class of `dataset`, drawn without
+    replacement with `seed`, class 0 first, as (x, labels, indices into the training split).
+    With `input_shape` (that of the network at `made_for`) the images must have that shape.
+    A size that does not fit is a UserError naming --dataset_size."""
+    if size % num_classes:
+        raise UserError(f"--dataset_size {size} is not divisible by the number of classes "
+                        f"({num_classes}) of {dataset}")
+    ds = data.load_dataset(dataset, data_dir)
+    per_class = size // num_classes
+    smallest = int(np.bincount(ds.y_train, minlength=num_classes).min())
+    if per_class > smallest:
+        raise UserError(f"--dataset_size {size} needs {per_class} images per class but the "
+                        f"{dataset} training split has only {smallest} of its rarest class: use at most "
+                        f"{smallest * num_classes}")
+    if input_shape is not None and ds.input_shape != input_shape:
+        raise UserError(f"{dataset} images are {ds.input_shape} but {made_for} was made for {input_shape}")
+    return data.balanced_subset(ds.x_train, ds.y_train, size, seed, num_classes, what="--dataset_size")
+
+
 __all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "reference_kernel", "make_plan",
-           "discover_layers", "make_rows_fn", "gram", "classes_of", "DEFAULT_MEMORY_GB", "METHODS"]
+           "discover_layers", "make_rows_fn", "gram", "classes_of", "describe_plan", "kernel_images",
+           "DEFAULT_MEMORY_GB", "METHODS"]

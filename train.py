@@ -1,5 +1,6 @@
 """Training: the train state, the reference's optimizer and learning-rate schedule, the loss,
-and one jitted train step for any of the dynamics in models.DYNAMICS."""
+and one jitted train step for any of the dynamics in models.DYNAMICS. The epochs and the two
+phases of run_exp.py that take these steps are experiment.py's."""
 from __future__ import annotations
 
 from typing import Any, NamedTuple

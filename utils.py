@@ -3,8 +3,10 @@ import), the restricted unpickler, atomic writes, and run records. Imports only 
 writes in a multi-process job) of this project, and no JAX at import time."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -12,14 +14,38 @@ import pickle
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 
 import numpy as np
+
+try:
+    import fcntl
+except ImportError:   # Windows: no advisory locks, runs are not guarded against each other
+    fcntl = None
 
 import parallel
 
 
 class UserError(Exception):
     """A problem with the user's input. Scripts print it as one line and exit 2."""
+
+
+class Notice(UserWarning):
+    """A warning about the user's input that does not stop the run (data that are not the
+    published files, say): shown as one line `warning: ...`, once per message in a process."""
+
+
+_format_warning = warnings.formatwarning
+
+
+def _one_line_notices(message, category, filename, lineno, line=None):
+    if issubclass(category, Notice):
+        return f"warning: {one_line(message)}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line_notices
 
 
 # XLA:CPU in jaxlib 0.10 hands convolutions, dots and reductions to YNNPACK by default. On this
@@ -62,23 +88,50 @@ def enable_compilation_cache():
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def run_main(fn, args, uses_jax=True):
-    """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2. With
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a cluster's scancel or requeue, `kill`), raised where the run is, like Ctrl-C's
+    KeyboardInterrupt, so the same `finally` blocks and atomic writes keep their promises."""
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted()
+
+
+def one_line(message):
+    """`message` as one line: whatever an underlying exception's text held (newlines, tabs)."""
+    return " ".join(str(message).split())
+
+
+def run_main(fn, args, uses_jax=True, on_interrupt=None):
+    """Run `fn(args)`; a `UserError` becomes a one-line message and exit status 2. Ctrl-C
+    (SIGINT) and SIGTERM end it with one line, exit 130 and 143: the line is
+    `on_interrupt()`'s (what was kept, how to continue) when given, else "interrupted". With
     `uses_jax`, first joins a multi-process job when the environment describes one
     (parallel.init_distributed) and turns on the compilation cache; without, JAX is not loaded
     (a process that only schedules others)."""
-    if uses_jax:
-        try:
-            parallel.init_distributed()
-        except parallel.DistributedError as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
-        enable_compilation_cache()
+    import signal
     try:
+        signal.signal(signal.SIGTERM, _raise_interrupted)
+    except ValueError:   # not the main thread: leave the signal alone
+        pass
+    try:
+        if uses_jax:
+            try:
+                parallel.init_distributed()
+            except parallel.DistributedError as e:
+                raise UserError(e) from None
+            enable_compilation_cache()
         return fn(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        what = "SIGTERM" if isinstance(e, Interrupted) else "Ctrl-C"
+        hint = on_interrupt() if on_interrupt is not None else None
+        print(f"interrupted ({what}){': ' + one_line(hint) if hint else ''}", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Interrupted) else 130) from None
+    finally:
+        unlock_all()
 
 
 # --------------------------------------------------------------------------------------
@@ -168,6 +221,8 @@ def check_file(path, flag=None, kind="a file", hints=()):
             extra = f" (it holds {', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
         raise UserError(f"{where} is a directory, not {kind}{extra}")
     if not os.path.exists(path):
+        if os.path.islink(path):
+            raise UserError(f"{where} is a symbolic link to nothing (broken, or a loop)")
         raise UserError(f"file not found: {path}")
     if not os.path.isfile(path):
         raise UserError(f"{where} is not a regular file")
@@ -253,6 +308,98 @@ def make_dir(path, flag="--save_path"):
         raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
 
 
+LOCK_FILE = ".lock"
+_locks = {}   # a locked directory -> [the lock file's descriptor, the directories lock_dir created, holds]
+
+
+def _missing_dirs(path):
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    out, probe = [], os.path.abspath(path)
+    while not os.path.lexists(probe):
+        out.append(probe)
+        probe = os.path.dirname(probe)
+    return out
+
+
+def lock_dir(path, flag="--save_path"):
+    """Make directory `path` (created if needed) this process's alone until `unlock_dir` or the
+    process's end: an exclusive flock on PATH/.lock, which the OS releases however the process
+    ends, so a killed run leaves no stale lock. A second process (a job requeued while the first
+    still runs, a command started twice) gets a one-line UserError naming the first: its PID, host
+    and start. In a multi-process job only the writer (process 0) locks."""
+    if fcntl is None or not parallel.is_writer():
+        return
+    if os.path.abspath(path) in _locks:   # this process holds it already (a grid cell's run): count it
+        _locks[os.path.abspath(path)][2] += 1
+        return
+    created = _missing_dirs(path)
+    make_dir(path, flag)
+    lock = os.path.join(path, LOCK_FILE)
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            _remove_empty(created)
+            raise UserError(f"{flag} {path} is not writable: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = ""
+            for _ in range(10):   # the holder writes who it is just after it locks
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                if holder:
+                    break
+                time.sleep(0.05)
+            holder = holder or "another process"
+            os.close(fd)
+            raise UserError(f"{flag} {path} is in use by {holder}: wait for it to end, or give another "
+                            f"{flag}") from None
+        try:   # the file may have been removed by its last holder between our open and flock
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"PID {os.getpid()} on {os.uname().nodename}, started {started}".encode(), 0)
+    _locks[os.path.abspath(path)] = [fd, created, 1]
+
+
+def _remove_empty(dirs):
+    for d in dirs:   # deepest first
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def unlock_dir(path):
+    """Release lock_dir(path) (the last of this process's holds): the lock file goes (removed while
+    still locked, so no other process can hold a lock on a file that is gone), and so do the
+    directories lock_dir created if they are still empty (a run refused or failed before it wrote
+    anything leaves no folder)."""
+    held = _locks.get(os.path.abspath(path))
+    if held is None:
+        return
+    held[2] -= 1
+    if held[2] > 0:
+        return
+    fd, created, _ = _locks.pop(os.path.abspath(path))
+    try:
+        os.unlink(os.path.join(path, LOCK_FILE))
+    except OSError:
+        pass
+    os.close(fd)
+    _remove_empty(created)
+
+
+def unlock_all():
+    for path in list(_locks):
+        _locks[path][2] = 1
+        unlock_dir(path)
+
+
 # --------------------------------------------------------------------------------------
 # Outputs made from other inputs are never replaced silently
 # --------------------------------------------------------------------------------------
@@ -261,12 +408,58 @@ def plain(value):
     return json.loads(json.dumps(value, default=_json_default))
 
 
+def file_record(path):
+    """An input file as outputs record it: its absolute path (for people) and its content, size and
+    sha256 (for the checks), so a folder moved or copied elsewhere still recognises its own
+    inputs while a file with other contents is still told apart. A directory (a run folder) is
+    recorded by its config.json, the run's flags, when it has one, else by its files' names and
+    sizes."""
+    path = os.path.abspath(path)
+    h = hashlib.sha256()
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        names = sorted(n for n in os.listdir(path) if not n.startswith(".") and os.path.isfile(os.path.join(path, n)))
+        listing = "".join(f"{n}\t{os.path.getsize(os.path.join(path, n))}\n" for n in names).encode()
+        h.update(listing)
+        return {"path": path, "size": len(listing), "sha256": h.hexdigest()}
+    target = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    if not os.path.isfile(target):
+        return {"path": path}
+    with open(target, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return {"path": path, "size": os.path.getsize(target), "sha256": h.hexdigest()}
+
+
+def same_input(recorded, given):
+    """Whether a recorded input equals this call's, both as `plain` gives them. File records
+    (file_record) are the same file when their contents are, wherever they now lie; a path
+    recorded as a string (outputs of earlier versions) is compared with the path."""
+    if isinstance(given, dict) and "path" in given:
+        if isinstance(recorded, str):
+            return recorded == given["path"]
+        if isinstance(recorded, dict) and "sha256" in recorded and "sha256" in given:
+            return (recorded["sha256"], recorded.get("size")) == (given["sha256"], given.get("size"))
+        return isinstance(recorded, dict) and recorded.get("path") == given["path"]
+    if isinstance(given, list) and isinstance(recorded, list):
+        return len(given) == len(recorded) and all(same_input(r, g) for r, g in zip(recorded, given))
+    return recorded == given
+
+
+def shown(value):
+    """An input value as a message names it: file records by their path."""
+    if isinstance(value, dict) and "path" in value:
+        return repr(value["path"])
+    if isinstance(value, list):
+        return "[" + ", ".join(shown(v) for v in value) + "]"
+    return repr(value)
+
+
 def check_replace(existing, recorded, inputs, what, way_out):
     """Refuse to replace output files made from other inputs.
 
     existing: the output files of this call that already exist; recorded: the inputs the
     earlier call recorded (a dict), or None when nothing says what they were made from;
-    inputs: this call's inputs (flag name -> value, paths absolute). The same inputs may
+    inputs: this call's inputs (flag name -> value; input files as `file_record`s). The same inputs may
     replace the files (a rerun); other or unknown ones raise a one-line UserError that names the
     file, the first input that differs and `way_out`. Returns the files to be replaced."""
     if not existing:
@@ -277,8 +470,8 @@ def check_replace(existing, recorded, inputs, what, way_out):
                         f"it is not replaced; {way_out}")
     recorded, inputs = plain(recorded), plain(inputs)
     for key, value in inputs.items():
-        if key in recorded and recorded[key] != value:
-            raise UserError(f"{first} already holds {what} with --{key} {recorded[key]!r}, not {value!r}: "
+        if key in recorded and not same_input(recorded[key], value):
+            raise UserError(f"{first} already holds {what} with --{key} {shown(recorded[key])}, not {shown(value)}: "
                             f"it is not replaced; {way_out}")
         if key not in recorded:
             raise UserError(f"{first} already holds {what} that does not record --{key}: it is not "
@@ -288,6 +481,57 @@ def check_replace(existing, recorded, inputs, what, way_out):
 
 def existing_files(paths):
     return [p for p in paths if os.path.lexists(p)]
+
+
+def _pending(record):
+    """Where begin_outputs notes the inputs of outputs being written: beside `record`, hidden."""
+    return os.path.join(os.path.dirname(record), f".{os.path.basename(record)}.inputs.json")
+
+
+def recorded_inputs(record, keys=None):
+    """The inputs output file `record` was made from: its 'inputs' (a JSON object or a pickled
+    dict), or else the entries `keys` of a pickled dict (kernel files of earlier versions);
+    when `record` is absent, what an interrupted call noted (begin_outputs). None if unknown."""
+    path = record if os.path.lexists(record) else _pending(record)
+    try:
+        if path.endswith(".json"):
+            with open(path) as f:
+                obj = json.load(f)
+        else:
+            obj = restricted_load(path)
+    except (OSError, ValueError, UserError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if isinstance(obj.get("inputs"), dict):
+        return obj["inputs"]
+    return {k: obj[k] for k in keys if k in obj} if keys is not None and path == record else None
+
+
+def check_outputs(files, inputs, what, way_out, record=None, keys=None):
+    """The guard of every script's outputs: `files` (the first, or `record`, says what they were
+    made from: recorded_inputs) may be replaced by a call with the same `inputs`, and are never
+    replaced by one with other or unknown inputs (check_replace: one line, naming the first of
+    `files` that exists, the first input that differs and `way_out`). Returns the files that will
+    be replaced."""
+    record = record or files[0]
+    existing = existing_files(list(files) + ([] if record in files else [record]))
+    if not existing and not os.path.lexists(_pending(record)):
+        return []
+    return check_replace(existing or [record], recorded_inputs(record, keys), inputs, what, way_out)
+
+
+def begin_outputs(record, inputs):
+    """Note `inputs` beside `record` before writing several outputs, `record` last: if the call is
+    interrupted half-way, a rerun with the same inputs may replace what it left (end_outputs
+    removes the note once `record` is written)."""
+    atomic_json(_pending(record), {"inputs": inputs})
+
+
+def end_outputs(record):
+    if parallel.is_writer():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_pending(record))
 
 
 # --------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=10, help="attack steps (Square: queries) per timed run")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per attack (after one warm-up)")
     p.add_argument("--batch_size", type=int, default=100, help="images per batch")
-    p.add_argument("--model", default="resnet18", help="models.MODELS")
+    p.add_argument("--model", default="resnet18", help="models.NETWORKS")
     p.add_argument("--dataset", default="cifar10", help="input shape and classes: cifar10 or digits")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
     p.add_argument("--dynamics", default="standard", help="dynamics attacked (models.DYNAMICS)")

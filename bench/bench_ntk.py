@@ -163,7 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--class_index", type=int, default=0, help="class logit of the kernel")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width (64 = full)")
     p.add_argument("--model", default="resnet18",
-                   help="network (models.MODELS); anything but resnet18 only for quick checks of this script")
+                   help="network (models.NETWORKS); anything but resnet18 only for quick checks of this script")
     p.add_argument("--check", action="store_true",
                    help="also compare the engine's and the baseline's kernels at the smallest common n")
     # internal: one configuration in a subprocess

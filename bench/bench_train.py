@@ -40,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--pgd_batch_size", type=int, default=128, help="batch size of the PGD-20 measurement")
     p.add_argument("--width", type=int, default=64, help="ResNet-18 width")
     p.add_argument("--model", default="resnet18",
-                   help="network (models.MODELS); anything but resnet18 only for quick checks of this script")
+                   help="network (models.NETWORKS); anything but resnet18 only for quick checks of this script")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     p.add_argument("--feed_steps", type=int, default=3, help="steps in each data-feeding loop")
     p.add_argument("--matmul_n", type=int, default=4096, help="size of the square matmul for the peak")

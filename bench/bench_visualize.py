@@ -44,7 +44,7 @@ def two_pass_ascend(f, class_index):
     passes per step), the jitted step dispatched from a host loop like the script's 'host'."""
     import jax
     import jax.numpy as jnp
-    from visualize_ntk_features import _tree_vdot
+    from tangent_features import _tree_vdot
 
     def cosine(params, v, x):
         def out(p):
@@ -96,7 +96,7 @@ def time_loops(args):
     import numpy as np
 
     import models
-    import visualize_ntk_features as viz
+    import tangent_features
 
     shape = tuple(int(s) for s in args.image.split(","))
     init, apply = models.get_model("resnet18", 10, args.width)
@@ -105,8 +105,8 @@ def time_loops(args):
     def f(p, x):
         return apply(p, state, None, x, False)[0]
 
-    tools = viz.make_tangent_fns(f, (0,), loop="host")
-    tools_fori = viz.make_tangent_fns(f, (0,), loop="fori")
+    tools = tangent_features.make_tangent_fns(f, (0,), loop="host")
+    tools_fori = tangent_features.make_tangent_fns(f, (0,), loop="fori")
     rng = np.random.default_rng(0)
     x_kernel = rng.uniform(size=(args.n,) + shape).astype(np.float32)
     u = rng.normal(size=(args.n, 1))
@@ -133,7 +133,7 @@ def time_loops(args):
 
 def main(argv=None):
     args = parse_args(argv)
-    import visualize_ntk_features as viz
+    import attacks
 
     config, compile_s, times = time_loops(args)
     variants = args.variants.split(",")
@@ -148,7 +148,7 @@ def main(argv=None):
                           "per_step_s": per_step[name], "runs_s": times[name],
                           "warmup_with_compile_s": compile_s[name]}))
     # the eigen_image line uses what the script runs by default on this backend (--loop auto)
-    main_variant = "one_vjp/" + viz.resolve_loop("auto")
+    main_variant = "one_vjp/" + attacks.loop_mode("auto")
     if main_variant not in variants:
         main_variant = variants[0]
     record = {**base, "measurement": "eigen_image", "variant": main_variant, "steps": 600}

@@ -18,6 +18,7 @@ import tempfile
 import traceback
 import warnings
 
+import numpy as np
 import pytest
 
 # The fixture run's seed: no value the fuzz draws equals it, so no drawn run_exp.py call is "the
@@ -40,7 +41,8 @@ def _build(d):
     run/evals/              eval_and_make_adv.py --save_name fixture --save_examples
     run/vis/                visualize_ntk_features.py --save_name fixture_images (.pkl, .png)
     mini/                   two of run/'s checkpoints (epochs 0 and 1)
-    truncated.pkl, empty.pkl, notes.txt, evil.pkl (runs os.system when unpickled), emptydir/"""
+    truncated.pkl, empty.pkl, notes.txt, evil.pkl (runs os.system when unpickled), random.bin (random
+    bytes), loop (a symlink to itself), emptydir/"""
     import pickle
 
     import calculate_kernel
@@ -69,6 +71,9 @@ def _build(d):
         f.write("not a checkpoint\n")
     with open(os.path.join(d, "evil.pkl"), "wb") as f:
         pickle.dump({"params": _Evil(), "lin_params": {}, "net_state": {}}, f)
+    with open(os.path.join(d, "random.bin"), "wb") as f:
+        f.write(np.random.default_rng(0).bytes(4096))
+    os.symlink("loop", os.path.join(d, "loop"))   # a symlink loop: opening it fails with ELOOP
     os.mkdir(os.path.join(d, "emptydir"))
     os.mkdir(os.path.join(d, "mini"))  # a run directory with two checkpoints: a quick analyze_ntk.py dynamics
     for e in (0, 1):
@@ -81,6 +86,9 @@ def snapshot(d):
     for root, _, names in os.walk(d):
         for n in names:
             path = os.path.join(root, n)
+            if os.path.islink(path):
+                out[path] = (os.readlink(path), None)
+                continue
             with open(path, "rb") as f:
                 out[path] = (os.stat(path).st_mtime_ns, hashlib.sha1(f.read()).hexdigest())
     return out

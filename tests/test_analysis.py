@@ -204,11 +204,11 @@ def test_predictor_kernels_with_a_class_subset_are_the_networks_ntk(tiny_run):
     """With --classes 3 5, K(X, X) and K(x, X) are both the NTK averaged over all 10 logits of the
     network (the task's classes pick the images, not the logits)."""
     pytest.importorskip("ntk")
-    import analyze_ntk
     import ntk
+    import ntk_predictor
     args = _args(["features", "--model_path", str(tiny_run / "parameters_checkpoint_1.pkl"), "--classes", "3", "5",
                   "--n_train", "10", "--n_test", "4", "--batch_size", "4"])
-    s = analyze_ntk.PredictorSetup(args)
+    s = ntk_predictor.PredictorSetup(args)
     s.fit(args)
     x_train, x_test = jnp.asarray(s.x_train), jnp.asarray(s.x_test)
     k_train = np.asarray(ntk.empirical_ntk(s.f, s.params, x_train), np.float64)
@@ -246,11 +246,11 @@ def test_epoch_axes_show_no_negative_epochs():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    import analyze_ntk
+    import plots
     fig, ax = plt.subplots()
     epochs = [0, 0.125, 0.25, 1, 2.5, 20]
     ax.plot(epochs, np.arange(len(epochs)))
-    analyze_ntk._epoch_axis(ax, epochs)
+    plots._epoch_axis(ax, epochs)
     lo, hi = ax.get_xlim()
     assert lo == 0 and 20 < hi < 25
     plt.close(fig)

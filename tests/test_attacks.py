@@ -248,7 +248,7 @@ def test_square_sees_through_a_masked_gradient_and_the_ensemble_warns(mlp_model,
 
     x, y = digits.x_test[:64], digits.y_test[:64]
     cfg = attacks.linf_config(0.1, 10, name="ensemble", n_targets=3, fab_steps=10, square_queries=300)
-    r = attacks.evaluate(quantised, (params, params, state), x, y, attack=cfg, batch_size=64)
+    r = attacks.evaluate(quantised, (params, params, state), x, y, attack=cfg, batch_size=64, keep_examples=True)
     b = r["attacks"]
     # The gradient attacks see a flat loss: robustness stays near clean accuracy...
     assert b["fab-t"]["cumulative_correct"] >= 0.9 * r["correct_clean"]
@@ -256,7 +256,7 @@ def test_square_sees_through_a_masked_gradient_and_the_ensemble_warns(mlp_model,
     assert b["square"]["cumulative_correct"] <= 0.6 * b["fab-t"]["cumulative_correct"]
     assert b["square"]["masking_suspected"] and b["square"]["fooled"] > b["square"]["masking_threshold"]
     assert any("square, which uses no gradients" in w for w in r["warnings"])
-    xa = np.asarray(attacks.run_attack(quantised, (params, params, state), x, y, jax.random.PRNGKey(0), cfg))
+    xa = r["x_adv"]
     assert xa.min() >= 0 and xa.max() <= 1 and np.abs(xa - x).max() <= 0.1 + 1e-6
 
 
@@ -288,7 +288,8 @@ def test_every_attack_stays_in_the_ball_and_the_box(mlp_model, digits, norm, dyn
     for name in ("pgd", "apgd-ce", "apgd-dlr", "fab-t", "square"):
         cfg = attacks.AttackConfig(norm=norm, eps=eps, step_size=2 * eps / 10, steps=10, name=name, n_targets=3,
                                    fab_steps=10, square_queries=30)
-        xa = np.asarray(attacks.run_attack(predict, (theta, params, state), x, y, jax.random.PRNGKey(1), cfg))
+        xa = attacks.evaluate(predict, (theta, params, state), x, y, batch_size=64, attack=cfg, key=jax.random.PRNGKey(1),
+                              keep_examples=True, check_gradients=False)["x_adv"]
         assert xa.shape == x.shape and xa.dtype == np.float32
         assert xa.min() >= 0.0 and xa.max() <= 1.0
         delta = (xa - x).reshape(len(x), -1)
@@ -400,6 +401,10 @@ def test_host_and_fori_loops_give_the_same_iterates(name, mlp_model, digits, mon
         assert attacks.loop_mode() == mode
         if name == "pgd":
             out[mode] = attacks.pgd(predict, variables, x, y, key, eps, 0.02, steps=7)
+            # the iterate after steps // 2 is PGD with steps // 2 steps; the last one is unchanged
+            x_last, x_half = attacks.pgd(predict, variables, x, y, key, eps, 0.02, steps=7, with_half=True)
+            np.testing.assert_array_equal(x_last, out[mode])
+            np.testing.assert_array_equal(x_half, attacks.pgd(predict, variables, x, y, key, eps, 0.02, steps=3))
         elif name == "fab-t":
             out[mode] = autoattack.fab_min_norm(predict, variables, x, y, key, eps, steps=7, target_rank=1)[0]
         elif name == "square":   # 150 queries: two chunks between the early-stopping checks

@@ -114,7 +114,9 @@ def test_linearized_components_are_the_logits_used(ckpts):
     assert summary["parameters"] == "theta=lin_params, theta0=params"
     ckpt = checkpoints.load_checkpoint(ckpts["lin"])
     _, apply = models.get_model("resnet18", 10, width=2)
-    x = data.load_dataset("digits").x_test[:60]
+    ds = data.load_dataset("digits")   # --test_size: the run's seeded class-balanced subset
+    seed = ckpt["meta"].get("random_seed", 0)   # the run's seed, else eval's --random_seed (0)
+    x, _, _ = data.balanced_subset(ds.x_test, ds.y_test, 60, seed, 10)
     logits, _ = jax.jit(lambda t, t0, s, xx: models.dynamics_apply(apply, "linear", t, t0, s, xx))(
         ckpt["lin_params"], ckpt["params"], ckpt["net_state"], jnp.asarray(x))
     for which in ("clean", "dirty"):

@@ -1,8 +1,9 @@
 """A fuzzed command line: for each of the five scripts, hypothesis draws argument lists from the
 script's own argparse definition (real flags with values of the wrong type, out-of-range and
 negative numbers, NaN and infinities, empty strings, nonexistent paths, directories, and files of
-the wrong kind: a kernel file, a results pickle, a PNG, a truncated pickle, an empty file, a
-hostile pickle, adversarial examples, a JSON file) and asserts what docs/bad_input.md promises:
+the wrong kind: a kernel file, a results pickle, a PNG, a truncated pickle, an empty file, random
+bytes, a symlink loop, a hostile pickle, adversarial examples, a JSON file) and asserts what
+docs/bad_input.md promises:
 
 - exit status 0 or 2, never a traceback;
 - on exit 2, exactly one line on stderr (`error: ...`);
@@ -49,7 +50,7 @@ FILES = ["run/parameters_final.pkl", "run/parameters_checkpoint_0.pkl", "run/par
          "run/kernels/fixture_class_0_20.pkl", "run/results.pkl", "run/results.json", "run/config.json",
          "run/evals/adv_examples_fixture.pkl", "run/evals/test_results_fixture.pkl",
          "run/vis/fixture_images_class_0_20.png", "run/vis/fixture_images_class_0_20.pkl",
-         "truncated.pkl", "empty.pkl", "notes.txt", "evil.pkl"]
+         "truncated.pkl", "empty.pkl", "notes.txt", "evil.pkl", "random.bin", "loop", "loop/inside.pkl"]
 MISSING = ["nope.pkl", "nodir/nope.pkl", "run/parameters_checkpoint_9.pkl"]
 DIRS = [".", "run", "mini", "run/kernels", "emptydir"]
 PATHS = FILES + MISSING + DIRS + ["", " ", "notes.txt/inside.pkl"]

@@ -202,7 +202,7 @@ def test_calculate_kernel_offers_every_architecture():
 @pytest.mark.slow   # end to end
 def test_calculate_kernel_writes_an_infinite_kernel_file(tmp_path):
     import data
-    import visualize_ntk_features
+    import ntk_inputs
     from cli_harness import call
 
     argv = ["--arch", "conv", "--depth", "2", "--dataset", "digits", "--dataset_size", "30", "--class_index", "3",
@@ -210,7 +210,7 @@ def test_calculate_kernel_writes_an_infinite_kernel_file(tmp_path):
     status, out, err = call("calculate_kernel", argv, str(tmp_path))
     assert status == 0, err
     path = tmp_path / "kernels" / "saved_kernel_class_3_30.pkl"
-    kfile = visualize_ntk_features.load_kernel_file(str(path))   # the empirical kernels' reader
+    kfile = ntk_inputs.load_kernel_file(str(path))   # the empirical kernels' reader
     assert kfile["architecture"] == {"arch": "conv", "depth": 2, "width": 1000, "W_std": 2 ** 0.5, "b_std": 0.1,
                                      "parameterization": "ntk"}
     assert kfile["model_path"] is None and kfile["kernel_type"] == "ntk"

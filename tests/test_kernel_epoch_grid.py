@@ -95,6 +95,7 @@ def test_killed_grid_resumes_only_the_missing_cells(killed_and_resumed):
 def test_printed_commands_run_line_by_line_give_the_same_report(killed_and_resumed, tmp_path, monkeypatch):
     """Each printed line is `python kernel_epoch_grid.py ... --cell NAME`; they are run here one after the
     other through the script's main() (the same code path as the shell, minus interpreter start-up)."""
+    import grid_cells
     import kernel_epoch_grid
     out, _, _ = killed_and_resumed
     out2 = tmp_path / "g2"
@@ -118,7 +119,7 @@ def test_printed_commands_run_line_by_line_give_the_same_report(killed_and_resum
     args = kernel_epoch_grid.build_parser().parse_args(
         [*TINY, "--out_dir", str(out2), "--kernel_epochs", "0", "0.5", "1"])
     s = kernel_epoch_grid.resolve(args)
-    _, todo = kernel_epoch_grid.survey(kernel_epoch_grid.make_cells(s))
+    _, todo = grid_cells.survey(grid_cells.make_cells(s))
     assert sorted(c.name for c in todo) == sorted(f"phase2/{k1}_s0/e1_{k2}" for k1 in ("CC", "AC") for k2 in ("CC", "CA"))
 
 
@@ -153,11 +154,11 @@ def test_finished_cell_with_other_flags_is_refused(killed_and_resumed):
 
 
 def test_cpu_shares_split_the_cpus():
-    import kernel_epoch_grid
+    import grid_scheduler
     cpus = sorted(os.sched_getaffinity(0))
-    shares = kernel_epoch_grid.cpu_shares(min(2, len(cpus)))
+    shares = grid_scheduler.cpu_shares(min(2, len(cpus)))
     assert sorted(c for s in shares for c in s) == cpus if len(cpus) >= 2 else len(shares) == 1
-    assert all(s for s in kernel_epoch_grid.cpu_shares(len(cpus) + 1))
+    assert all(s for s in grid_scheduler.cpu_shares(len(cpus) + 1))
 
 
 def _workers(pid):

@@ -143,3 +143,9 @@ def test_xla_cpu_kernel_flag_is_added_once_and_never_overrides_the_user():
         assert "XLA_FLAGS" not in defaults
     # This process imported utils (conftest) before JAX started: its backend runs with the flag.
     assert (flag in os.environ.get("XLA_FLAGS", "")) == on_010
+
+
+def test_the_command_line_offers_exactly_the_networks_models_builds():
+    import cli
+    import models
+    assert tuple(models.NETWORKS) == cli.MODELS

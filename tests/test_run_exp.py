@@ -19,6 +19,7 @@ import pytest
 
 import run_exp
 import checkpoints
+import experiment
 import train as training
 import utils
 from utils import UserError
@@ -294,14 +295,14 @@ class Interrupt(Exception):
 
 def interrupt_after_saves(monkeypatch, n):
     """Make run_exp stop (like a kill) right after its n-th resume checkpoint."""
-    real, calls = run_exp.save_resume, []
+    real, calls = experiment.save_resume, []
 
     def save_then_stop(*args):
         real(*args)
         calls.append(1)
         if len(calls) == n:
             raise Interrupt
-    monkeypatch.setattr(run_exp, "save_resume", save_then_stop)
+    monkeypatch.setattr(experiment, "save_resume", save_then_stop)
 
 
 # Resume checkpoints of RESUMABLE: 1, 2 after the phase-1 epochs, 3 after the phase-1 evaluation,
@@ -352,7 +353,8 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
         if name.endswith(".pkl"):
             utils.restricted_load(str(killed / name))  # complete, or it would raise
         else:
-            assert name in ("config.json", "metrics.jsonl") or name.endswith(".tmp"), name
+            # the lock file stays after SIGKILL (the OS released its lock: the --resume below takes it)
+            assert name in ("config.json", "metrics.jsonl", utils.LOCK_FILE) or name.endswith(".tmp"), name
     progress = utils.restricted_load(str(killed / "resume.pkl"))["progress"]
     assert (progress["phase"], progress["epoch"]) < (2, 1)
 

@@ -16,6 +16,7 @@ import data
 import models
 import checkpoints
 import kernel_analysis
+import tangent_features
 import utils
 import visualize_ntk_features as viz
 from utils import UserError
@@ -89,14 +90,14 @@ def _args(ckpt, kpath, **kw):
 def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tmp_path, monkeypatch):
     """v from the chunked vjp equals J^T u; the cosine equals the explicit one; ascent raises and
     descent lowers it; images stay in [0, 1] with the input's shape. Single class and mean kernel."""
-    monkeypatch.setattr(viz, "_CHUNK", 16)  # 40 images -> 3 chunks of 14, the last padded
+    monkeypatch.setattr(tangent_features, "_CHUNK", 16)  # 40 images -> 3 chunks of 14, the last padded
     _, _, (f, params, ds, idx) = _setup(tmp_path, n=40)
     x = jnp.asarray(ds.x_train[idx])
     for class_index in (3, -1):
         kernel, jac = _explicit_kernel(f, params, x, class_index)  # jac [n, k, P]
         evals, evecs = kernel_analysis.eigh_desc(kernel, fix_signs=True)
         classes = tuple(range(10)) if class_index == -1 else (class_index,)
-        tools = viz.make_tangent_fns(f, classes)
+        tools = tangent_features.make_tangent_fns(f, classes)
         u = evecs[:, 0]
         v = tools.direction(params, np.asarray(x), np.repeat(u[:, None], len(classes), 1))  
         v_flat = jnp.concatenate([a.reshape(len(classes), -1) for a in jax.tree_util.tree_leaves(v)], -1)
@@ -121,7 +122,7 @@ def test_direction_and_cosine_match_explicit_jacobian_and_ascent_moves_cosine(tm
         assert float(best_pos) == pytest.approx(float(hist_pos.max()))
         assert float(best_neg) == pytest.approx(float(hist_neg.min()))
         # the single-program lax.fori_loop and the host loop over the jitted step agree
-        x_fori, best_fori, hist_fori = viz.make_tangent_fns(f, classes, loop="fori").ascend(
+        x_fori, best_fori, hist_fori = tangent_features.make_tangent_fns(f, classes, loop="fori").ascend(
             params, v, x0, 1.0, 0.01, steps=40)
         np.testing.assert_allclose(hist_fori, hist_pos, atol=1e-5)
         np.testing.assert_allclose(x_fori, x_pos, atol=1e-6)

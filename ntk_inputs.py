@@ -1,0 +1,229 @@
+"""What the NTK analyses read: checkpoints opened with the command line's overrides, their
+dataset, the checkpoints of a run directory and their kernels, and kernel files.
+
+* `open_network`, `load_data`: a checkpoint as a `checkpoints.Network` with the flags' model,
+  width and dataset, and that dataset (its images must have the network's input shape).
+* Kernel motion (analyze_ntk.py dynamics): the `parameters_checkpoint_{epoch}.pkl` files of a
+  run directory (`list_checkpoints`), the NTK of each on ONE fixed class-balanced subset of
+  training images, cached per checkpoint (`checkpoint_kernels`), or a run's kernels read from
+  calculate_kernel.py files (`kernels_from_files`).
+* `load_kernel_file`: a calculate_kernel.py file, checked to record the images, class and
+  network it was computed on (visualize_ntk_features.py).
+
+A cached kernel is reused only when it was made from the very same checkpoint file (absolute
+path, size and modification time) on the same images and class; anything else is recomputed.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import time
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import checkpoints
+import cli
+import data
+import ntk
+import utils
+from utils import UserError
+
+CHECKPOINT_RE = re.compile(r"^parameters_checkpoint_(\d+(?:\.\d+)?)\.pkl$")
+# The keys a kernel file needs to say which images, class and network it was computed on.
+KERNEL_KEYS = ("kernel", "labels", "indices", "dataset", "class_index", "model", "width",
+               "num_classes", "use_linear_params", "dataset_size")
+
+
+# --------------------------------------------------------------------------------------
+# Networks and data
+# --------------------------------------------------------------------------------------
+def open_network(path, args):
+    """The checkpoint at `path` as a checkpoints.Network, with the flags' model/width/dataset."""
+    return checkpoints.open_network(path, model=args.model, width=args.width, dataset=args.dataset)
+
+
+def load_data(name, data_dir, input_shape):
+    """Dataset `name`, whose images must have the checkpoint's `input_shape`."""
+    ds = data.load_dataset(name, data_dir)
+    if tuple(ds.input_shape) != tuple(input_shape):
+        raise UserError(f"{name} images are {ds.input_shape} but the checkpoint takes {input_shape}")
+    return ds
+
+
+# --------------------------------------------------------------------------------------
+# The checkpoints of a run and their kernels
+# --------------------------------------------------------------------------------------
+class ImageSubset(NamedTuple):
+    """The fixed training images on which every kernel of `dynamics` is computed."""
+    x: np.ndarray         # [n, H, W, C]
+    labels: np.ndarray    # [n]
+    indices: np.ndarray   # [n] into the dataset's training split
+    dataset: str
+
+
+def checkpoint_epoch(path):
+    """The epoch in a `parameters_checkpoint_{epoch}.pkl` name as a float, else None."""
+    m = CHECKPOINT_RE.match(os.path.basename(path))
+    return float(m.group(1)) if m else None
+
+
+def list_checkpoints(run_dir):
+    """[(epoch, path)] of a run directory's phase-1 checkpoints, by increasing epoch."""
+    if not os.path.isdir(run_dir):
+        raise UserError(f"--runs {run_dir} is not a directory")
+    found = []
+    for path in glob.glob(os.path.join(run_dir, "parameters_checkpoint_*.pkl")):
+        e = checkpoint_epoch(path)
+        if e is not None:
+            found.append((e, path))
+    if len(found) < 2:
+        raise UserError(f"{run_dir} holds {len(found)} parameters_checkpoint_{{epoch}}.pkl files; need at least 2 "
+                        f"(train with run_exp.py --constant_save)")
+    return sorted(found)
+
+
+def open_runs(args):
+    """Check --runs and the flags of `dynamics` against the first checkpoint, before any work.
+    Returns ([(epoch, path)] of every run, the ImageSubset of --dataset_size training images)."""
+    ckpt_lists = [list_checkpoints(r) for r in args.runs]  # every run checked before any work
+    first = open_network(ckpt_lists[0][0][1], args)
+    cli.check_class_index(args.class_index, first.num_classes, first.dataset)
+    if args.dataset_size <= 0 or args.dataset_size % first.num_classes:
+        raise UserError(f"--dataset_size must be a positive multiple of the class count "
+                        f"{first.num_classes} (got {args.dataset_size})")
+    ds = load_data(first.dataset, args.data_dir, first.input_shape)
+    x, labels, indices = data.balanced_subset(ds.x_train, ds.y_train, args.dataset_size, args.random_seed,
+                                              ds.num_classes, "--dataset_size")
+    return ckpt_lists, ImageSubset(x, labels, indices, first.dataset)
+
+
+def _cache_path(run_cache_dir, epoch, class_index, n):
+    return os.path.join(run_cache_dir, f"kernel_epoch_{epoch:g}{cli.class_suffix(class_index, n)}.pkl")
+
+
+def _cached_kernel(path, model_path, indices, class_index, dataset):
+    """The cached kernel at `path` if it was made from this very checkpoint (its contents, wherever
+    the run folder now lies) on these images, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        obj = utils.restricted_load(path)
+    except Exception:  # a damaged cache file is recomputed, never trusted
+        return None
+    ok = (isinstance(obj, dict) and isinstance(obj.get("model_file"), dict)
+          and utils.same_input(obj["model_file"], utils.file_record(model_path))
+          and obj.get("class_index") == class_index and obj.get("dataset") == dataset
+          and np.array_equal(np.asarray(obj.get("indices")), indices))
+    return np.asarray(obj["kernel"], np.float64) if ok else None
+
+
+def _compute_kernel(args, epoch, path, subset, cache):
+    """The NTK of the checkpoint at `path` on `subset`, float64; written to `cache` with what it
+    was made from."""
+    net = open_network(path, args)
+    f, params = net.kernel_fn()
+    t0 = time.time()
+    kernel = np.asarray(ntk.empirical_ntk(f, params, jnp.asarray(subset.x), class_index=args.class_index,
+                                         memory_gb=args.memory_gb), np.float64)
+    utils.atomic_pickle(cache, {
+        "kernel": kernel, "labels": subset.labels, "indices": subset.indices, "dataset": subset.dataset,
+        "class_index": args.class_index, "model": net.model, "width": net.width,
+        "num_classes": net.num_classes, "model_path": os.path.abspath(path), "use_linear_params": False,
+        "random_seed": args.random_seed, "dataset_size": len(subset.indices), "epoch": epoch,
+        "model_file": utils.file_record(path), "seconds": time.time() - t0})
+    return kernel
+
+
+def checkpoint_kernels(args, ckpt_lists, subset, cache_dirs):
+    """The kernel of every checkpoint of every run on `subset`, cached in the run's directory of
+    `cache_dirs`. Returns ([(epochs, paths, kernels)] per run, number of kernels computed)."""
+    runs, computed = [], 0
+    with tqdm(total=sum(len(c) for c in ckpt_lists), desc="kernels", unit="ckpt", disable=args.no_progress) as bar:
+        for ckpts, run_cache_dir in zip(ckpt_lists, cache_dirs):
+            kernels = []
+            for epoch, path in ckpts:
+                cache = _cache_path(run_cache_dir, epoch, args.class_index, len(subset.indices))
+                kernel = _cached_kernel(cache, path, subset.indices, args.class_index, subset.dataset)
+                if kernel is None:
+                    kernel = _compute_kernel(args, epoch, path, subset, cache)
+                    computed += 1
+                kernels.append(kernel)
+                bar.update(1)
+            runs.append(([e for e, _ in ckpts], [p for _, p in ckpts], kernels))
+    return runs, computed
+
+
+def _run_kernels_from_files(files):
+    """Kernels of one run from kernel files, ordered by their epoch. Returns (epochs, paths, kernels)."""
+    rows = []
+    indices0 = None
+    for pos, path in enumerate(files):
+        utils.check_file(path, "--kernel_files", "a kernel file", hints=("saved_kernel*.pkl", "*.pkl"))
+        obj = utils.restricted_load(path)
+        if not isinstance(obj, dict) or "kernel" not in obj:
+            raise UserError(f"--kernel_files {path} is not a kernel file (no 'kernel')")
+        kernel = np.asarray(obj["kernel"], np.float64)
+        if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
+            raise UserError(f"--kernel_files {path}: the kernel is not square ({kernel.shape})")
+        if indices0 is None:
+            indices0 = obj.get("indices")
+        elif obj.get("indices") is not None and not np.array_equal(obj["indices"], indices0):
+            raise UserError(f"--kernel_files {path} was computed on other images than {files[0]}; kernels of "
+                            f"one run must share their images (same --dataset_size and --random_seed)")
+        epoch = obj.get("epoch")
+        if epoch is None:
+            epoch = checkpoint_epoch(str(obj.get("model_path", "")))
+        rows.append((float(pos) if epoch is None else float(epoch), pos, path, kernel))
+    rows.sort(key=lambda r: (r[0], r[1]))
+    shapes = {r[3].shape for r in rows}
+    if len(shapes) != 1:
+        raise UserError(f"kernels of one run must have the same size; got {sorted(shapes)}")
+    return [r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
+
+
+def kernels_from_files(labels, kernel_files):
+    """[(epochs, paths, kernels)] of every run from its kernel files (at least 2 per run)."""
+    runs = []
+    for label, files in zip(labels, kernel_files):
+        epochs, paths, kernels = _run_kernels_from_files(files)
+        if len(kernels) < 2:
+            raise UserError(f"run {label} has {len(kernels)} kernel file; need at least 2")
+        runs.append((epochs, paths, kernels))
+    return runs
+
+
+# --------------------------------------------------------------------------------------
+# Kernel files of calculate_kernel.py
+# --------------------------------------------------------------------------------------
+def load_kernel_file(path):
+    """Load and check a calculate_kernel.py file; returns its dict with numpy arrays."""
+    if not path:
+        raise UserError("--kernel_path is required")
+    if not os.path.lexists(path):
+        raise UserError(f"kernel file not found: {path} (make it with calculate_kernel.py)")
+    utils.check_file(path, "--kernel_path", "a kernel file", hints=("saved_kernel*.pkl", "*.pkl"))
+    obj = utils.decode_keys(utils.restricted_load(path))
+    if not isinstance(obj, dict) or "kernel" not in obj:
+        raise UserError(f"{path} is not a kernel file: it has no 'kernel'")
+    missing = [k for k in KERNEL_KEYS if k not in obj]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: only kernel files written by this "
+                        f"project's calculate_kernel.py record which images they were computed on")
+    kernel = np.asarray(obj["kernel"], dtype=np.float64)
+    n = len(kernel)
+    if kernel.shape != (n, n) or n == 0:
+        raise UserError(f"{path}: 'kernel' has shape {kernel.shape}, expected a non-empty square matrix")
+    if not np.all(np.isfinite(kernel)):
+        raise UserError(f"{path}: the kernel holds non-finite values")
+    obj["kernel"] = kernel
+    obj["labels"] = np.asarray(obj["labels"]).astype(np.int64)
+    obj["indices"] = np.asarray(obj["indices"]).astype(np.int64)
+    if obj["labels"].shape != (n,) or obj["indices"].shape != (n,):
+        raise UserError(f"{path}: 'labels' and 'indices' must hold {n} entries, like the kernel")
+    for key in ("class_index", "width", "num_classes", "dataset_size"):
+        obj[key] = None if obj[key] is None else int(obj[key])
+    return obj
