@@ -44,10 +44,12 @@ def _prepare_dir(spec, expected):
             if saved is not None and json_equal({k: v for k, v in saved.items() if k not in free},
                                                  {k: v for k, v in expected.items() if k not in free}):
                 return ["--resume"]
-        for name in os.listdir(spec["dir"]):   # all but the cell's lock (run_cell holds it)
+        for name in set(os.listdir(spec["dir"])) - {utils.LOCK_FILE}:   # the cell's lock stays: run_cell holds it
             path = os.path.join(spec["dir"], name)
-            if name != utils.LOCK_FILE:
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
     else:
         # analyze_ntk keeps a validated kernel cache in its out_dir: reuse it; only the marker goes.
         with contextlib.suppress(FileNotFoundError):
