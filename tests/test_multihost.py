@@ -10,7 +10,8 @@ one process with one device is the reference:
   batch 16 over 110 images (the last batch of 14 does not divide by 4), PGD evaluations after
   phase 2 (the one after phase 1 is skipped: it compiles the same kind of functions again);
 - eval_and_make_adv.py --attack ensemble --save_examples on the 1-process checkpoint, batch 10
-  over 25 images (padded batches);
+  over 30 images (padded batches: 10 does not divide by 4; --test_size is now the class-balanced
+  subset, so a multiple of the 10 classes);
 - calculate_kernel.py on that checkpoint, several gradient chunks.
 
 Accuracies, counts and predictions must be equal, adversarial images, parameters and kernels
@@ -140,7 +141,7 @@ def test_two_processes_equal_one(tmp_path, procs):
     #    checkpoint, on one process and on two.
     ckpt = str(one / "parameters_final.pkl")
     ev = ["eval_and_make_adv.py", "--model_path", ckpt, "--linear", "--attack", "ensemble", "--pgd_steps", "5",
-          "--n_target_classes", "2", "--test_size", "25", "--batch_size", "10", "--eps", "8", "--save_examples"]
+          "--n_target_classes", "2", "--test_size", "30", "--batch_size", "10", "--eps", "8", "--save_examples"]
     kn = ["calculate_kernel.py", "--model_path", ckpt, "--dataset_size", "30", "--class_index", "-1",
           "--memory_gb", "0.003", "--use_linear_params"]
     started = [procs.start(ev + ["--bonus_dir", "ev1"], str(tmp_path / "eval_1p.log")),
@@ -185,7 +186,7 @@ def test_two_processes_equal_one(tmp_path, procs):
         s1, s2 = json.load(f1), json.load(f2)
     for key in ("acc_clean", "acc_robust", "correct_clean", "correct_robust", "per_attack", "n_images"):
         assert s1[key] == s2[key], key
-    assert s1["attack"] == "ensemble" and s1["n_images"] == 25
+    assert s1["attack"] == "ensemble" and s1["n_images"] == 30
     for key in ("predictions_clean", "predictions_dirty", "labels"):
         np.testing.assert_array_equal(r1[key], r2[key])
     comp = max(max_rel(r1[c][k], r2[c][k]) for c in ("components_clean", "components_dirty") for k in ("f", "df"))
