@@ -116,39 +116,6 @@ def build_parser():
 
 
 # ======================================================================================
-# Output guards
-# ======================================================================================
-# Flags that do not change what an analysis computes.
-NOT_INPUTS = ("out_dir", "no_progress", "memory_gb", "data_dir", "save_name")
-
-
-def analysis_inputs(args, **resolved):
-    """What an analysis' outputs are made from: its flags (input files by content), recorded in its JSON as
-    'inputs' so that a rerun with the same inputs may replace the outputs and other inputs may not."""
-    inputs = {k: v for k, v in vars(args).items() if k not in NOT_INPUTS}
-    if getattr(args, "model_path", None) is not None:
-        inputs["model_path"] = utils.file_record(args.model_path)
-    if getattr(args, "runs", None) is not None:
-        inputs["runs"] = [utils.file_record(r) for r in args.runs]
-    if getattr(args, "kernel_files", None) is not None:
-        inputs["kernel_files"] = [[utils.file_record(f) for f in files] for files in args.kernel_files]
-    inputs.update(resolved)
-    return inputs
-
-
-def write_summary(json_path, summary):
-    """The JSON summary, written last: it records the inputs of the outputs written before it
-    (utils.begin_outputs noted them, so an interrupted analysis may be rerun as it was)."""
-    utils.atomic_json(json_path, summary)
-    utils.end_outputs(json_path)
-
-
-def check_outputs(files, json_path, inputs, what):
-    """Refuse to replace `files` (or `json_path`, which records the inputs) made from other inputs."""
-    utils.check_outputs([json_path] + list(files), inputs, what, "give another --out_dir, or delete those files")
-
-
-# ======================================================================================
 # dynamics
 # ======================================================================================
 def _safe(label):
@@ -186,10 +153,10 @@ def run_dynamics(args):
     figure_paths = [os.path.join(out_dir, name) for name in
                     [f"kernel_distance_{_safe(label)}.png" for label in labels] + list(DYNAMICS_FIGURES)]
     json_path = os.path.join(out_dir, "dynamics.json")
-    inputs = analysis_inputs(args, labels=labels)
+    inputs = ntk_inputs.analysis_inputs(args, labels=labels)
 
     def check_out_dir():   # once the inputs are checked, before any work
-        check_outputs(figure_paths, json_path, inputs, "a kernel-dynamics analysis")
+        ntk_inputs.check_analysis_outputs(figure_paths, json_path, inputs, "a kernel-dynamics analysis")
         utils.check_writable_dir(out_dir, "--out_dir")
 
     if args.runs is None:
@@ -212,7 +179,7 @@ def run_dynamics(args):
     summary = {"command": "dynamics", "config": utils.run_config(args), "k": args.k, "kernels_computed": computed,
                "definitions": dict(ka.MOTION_DEFINITIONS), "runs": results, "figures": files,
                "inputs": inputs}
-    write_summary(json_path, summary)
+    ntk_inputs.write_summary(json_path, summary)
     for label, motion in results.items():
         print(ka.motion_report(label, motion))
     for f in files + [json_path]:
@@ -229,16 +196,18 @@ def _default_out_dir(args):
 
 def _predictor_setup(args, files, json_path, what):
     """The checked ntk_predictor.PredictorSetup, once the outputs may be written."""
+    import ntk_inputs
     import ntk_predictor
     setup = ntk_predictor.PredictorSetup(args)
-    inputs = analysis_inputs(args, model=setup.net.model, width=setup.net.width, dataset=setup.net.dataset)
-    check_outputs(files, json_path, inputs, what)
+    inputs = ntk_inputs.analysis_inputs(args, model=setup.net.model, width=setup.net.width, dataset=setup.net.dataset)
+    ntk_inputs.check_analysis_outputs(files, json_path, inputs, what)
     utils.check_writable_dir(_default_out_dir(args), "--out_dir")
     return setup, inputs
 
 
 def run_features(args):
     """Eigen-feature usefulness and robustness: eigen_features.json and .png under the output folder."""
+    import ntk_inputs
     import ntk_predictor
     import plots
     if args.n_features < 0 or args.n_tail < 0:
@@ -251,7 +220,7 @@ def run_features(args):
     utils.begin_outputs(json_path, inputs)
     plots.features_figure(summary, fig_path)
     summary["figures"] = [fig_path]
-    write_summary(json_path, summary)
+    ntk_inputs.write_summary(json_path, summary)
     print(ntk_predictor.features_report(summary, args.steps))
     for f in (fig_path, json_path):
         print(f"wrote {f}")
@@ -260,6 +229,7 @@ def run_features(args):
 
 def run_attack(args):
     """Kernel-predictor attack: the adversarial and clean examples and ntk_attack_{save_name}.json."""
+    import ntk_inputs
     import ntk_predictor
     out_dir = _default_out_dir(args)
     adv_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
@@ -279,7 +249,7 @@ def run_attack(args):
                "inputs": inputs}
     if not args.no_transfer:
         summary["network_transfer"] = ntk_predictor.network_transfer(setup, x_adv)
-    write_summary(json_path, summary)
+    ntk_inputs.write_summary(json_path, summary)
     print(ntk_predictor.attack_report(summary))
     print(f"wrote {adv_path}\nwrote {clean_path}\nwrote {json_path}")
     print(f"transfer to any network with the same input shape:\n  {command}")

@@ -47,10 +47,6 @@ EXAMPLES = [
     "python calculate_kernel.py --arch myrtle --depth 5 --dataset cifar10 --dataset_size 100 --bonus_dir kernels",
 ]
 
-# infinite.ARCHITECTURES, spelled here so that --help loads no JAX (tests/test_infinite.py checks).
-INFINITE_ARCHITECTURES = ("fc", "conv", "myrtle")
-
-
 def build_parser():
     p = cli.parser("Finite-width empirical NTK of a checkpoint on a class-balanced subset of the "
                    "training images, for one logit or the mean over logits.", EXAMPLES)
@@ -78,20 +74,8 @@ def build_parser():
                    help="how each layer's share of K is contracted: 'auto' takes the cheaper exact form per "
                         "layer; 'jacobian' contracts plain per-example gradients (slowest; for checks)")
     cli.add_no_progress(p)
-    g = p.add_argument_group("infinite width (instead of --model_path)")
-    g.add_argument("--arch", choices=INFINITE_ARCHITECTURES, default=None,
-                   help="the analytic infinite-width kernel of this architecture: fc = Flatten, depth x "
-                        "[Dense, Relu], Dense; conv = depth x [Conv 3x3 SAME, Relu], Flatten, Dense; myrtle = "
-                        "Myrtle-5/7/10 (average pools, global average pool); --width is then the named hidden width "
-                        "(default 1000; it matters only with --parameterization standard)")
-    g.add_argument("--depth", type=int, default=None, help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
-    g.add_argument("--W_std", type=cli.positive_float, default=2 ** 0.5, help="weight standard deviation")
-    g.add_argument("--b_std", type=float, default=0.1, help="bias standard deviation (0: no bias)")
-    g.add_argument("--parameterization", choices=("ntk", "standard"), default="ntk",
-                   help="stax's parameterizations; in 'standard' the NTK depends on --width (default there: 1000)")
+    g = cli.add_architecture_args(p)
     g.add_argument("--kernel", choices=("ntk", "nngp"), default="ntk", help="which infinite-width kernel")
-    g.add_argument("--float64", action="store_true",
-                   help="compute in float64 (slower; for ridgeless regression on ill-conditioned kernels)")
     return p
 
 

@@ -190,6 +190,30 @@ def check_attack_args(args, steps_flag):
             raise UserError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
 
 
+# infinite.ARCHITECTURES, spelled here so that --help loads no JAX (tests/test_infinite.py checks).
+ARCHITECTURES = ("fc", "conv", "myrtle")
+
+
+def add_architecture_args(p):
+    """An architecture's analytic infinite-width kernel in place of a checkpoint's NTK: --arch,
+    --depth, --W_std, --b_std, --parameterization, --float64 (infinite.network_from_args checks
+    them with --width)."""
+    g = p.add_argument_group("infinite width (instead of --model_path)")
+    g.add_argument("--arch", choices=ARCHITECTURES, default=None,
+                   help="the analytic infinite-width kernel of this architecture: fc = Flatten, depth x "
+                        "[Dense, Relu], Dense; conv = depth x [Conv 3x3 SAME, Relu], Flatten, Dense; myrtle = "
+                        "Myrtle-5/7/10 (average pools, global average pool); --width is then the named hidden width "
+                        "(default 1000; it matters only with --parameterization standard)")
+    g.add_argument("--depth", type=int, default=None, help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
+    g.add_argument("--W_std", type=positive_float, default=2 ** 0.5, help="weight standard deviation")
+    g.add_argument("--b_std", type=float, default=0.1, help="bias standard deviation (0: no bias)")
+    g.add_argument("--parameterization", choices=("ntk", "standard"), default="ntk",
+                   help="stax's parameterizations; in 'standard' the NTK depends on --width (default there: 1000)")
+    g.add_argument("--float64", action="store_true",
+                   help="compute the kernel in float64 (slower; for ridgeless regression on ill-conditioned kernels)")
+    return g
+
+
 def add_no_progress(p):
     p.add_argument("--no_progress", action="store_true", help="hide the progress bars")
 

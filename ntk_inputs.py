@@ -227,3 +227,36 @@ def load_kernel_file(path):
     for key in ("class_index", "width", "num_classes", "dataset_size"):
         obj[key] = None if obj[key] is None else int(obj[key])
     return obj
+
+
+# --------------------------------------------------------------------------------------
+# analyze_ntk.py's outputs: what they were made from, and the refusal to replace others'
+# --------------------------------------------------------------------------------------
+# Flags that do not change what an analysis computes.
+ANALYSIS_NOT_INPUTS = ("out_dir", "no_progress", "memory_gb", "data_dir", "save_name")
+
+
+def analysis_inputs(args, **resolved):
+    """What an analysis' outputs are made from: its flags (input files by content), recorded in its JSON as
+    'inputs' so that a rerun with the same inputs may replace the outputs and other inputs may not."""
+    inputs = {k: v for k, v in vars(args).items() if k not in ANALYSIS_NOT_INPUTS}
+    if getattr(args, "model_path", None) is not None:
+        inputs["model_path"] = utils.file_record(args.model_path)
+    if getattr(args, "runs", None) is not None:
+        inputs["runs"] = [utils.file_record(r) for r in args.runs]
+    if getattr(args, "kernel_files", None) is not None:
+        inputs["kernel_files"] = [[utils.file_record(f) for f in files] for files in args.kernel_files]
+    inputs.update(resolved)
+    return inputs
+
+
+def write_summary(json_path, summary):
+    """An analysis' JSON summary, written last: it records the inputs of the outputs written before it
+    (utils.begin_outputs noted them, so an interrupted analysis may be rerun as it was)."""
+    utils.atomic_json(json_path, summary)
+    utils.end_outputs(json_path)
+
+
+def check_analysis_outputs(files, json_path, inputs, what):
+    """Refuse to replace `files` (or `json_path`, which records the inputs) made from other inputs."""
+    utils.check_outputs([json_path] + list(files), inputs, what, "give another --out_dir, or delete those files")

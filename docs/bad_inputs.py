@@ -110,6 +110,15 @@ ROWS = [
      "test_no_lost_work.py::test_analysis_outputs_of_other_inputs_are_not_replaced"),
     ("a value of the wrong type", "eval_and_make_adv.py --model_path run/parameters_final.pkl --eps x",
      "test_no_lost_work.py::test_argparse_errors_are_one_line[wrong-type]"),
+    ("`--eps` far beyond 255 (it is in 1/255 units)", f"run_exp.py {TINY} --eps 1e9",
+     "test_cluster_runs.py::test_absurd_eps_is_refused_and_ignored_flags_are_named"),
+    ("a PNG as `--model_path`", "eval_and_make_adv.py --model_path figure.png",
+     "test_cluster_runs.py::test_a_png_given_as_a_pickle_is_one_line"),
+    ("a PNG as `--kernel_path`", "visualize_ntk_features.py --model_path run/parameters_final.pkl "
+     "--kernel_path figure.png", "test_cluster_runs.py::test_a_png_given_as_a_pickle_is_one_line"),
+    ("`--save_path` in use by a run still going (here: this script holds its lock)",
+     f"run_exp.py {TINY} --save_path busy",
+     "test_cluster_runs.py::test_two_runs_started_together_into_one_save_path"),
     ("a negative `--random_seed`", "calculate_kernel.py --model_path run/parameters_final.pkl --random_seed -1",
      "test_no_lost_work.py::test_argparse_errors_are_one_line[negative-seed]"),
 ]
@@ -164,6 +173,10 @@ def setup(d):
     for name, text in {"README.txt": "not a checkpoint\n", "blocker": "a file, not a directory\n"}.items():
         with open(os.path.join(d, name), "w") as f:
             f.write(text)
+    with open(os.path.join(d, "figure.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    import utils
+    utils.lock_dir(os.path.join(d, "busy"))   # held by this process until it ends
 
 
 def snapshot(d):

@@ -194,9 +194,9 @@ def test_images_too_small_for_the_pools_are_named():
 # --------------------------------------------------------------------------------------
 # calculate_kernel.py --arch
 # --------------------------------------------------------------------------------------
-def test_calculate_kernel_offers_every_architecture():
-    import calculate_kernel
-    assert calculate_kernel.INFINITE_ARCHITECTURES == infinite.ARCHITECTURES
+def test_the_command_line_offers_every_architecture():
+    import cli
+    assert cli.ARCHITECTURES == infinite.ARCHITECTURES
 
 
 @pytest.mark.slow   # end to end

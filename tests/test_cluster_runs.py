@@ -1,6 +1,4 @@
-"""NOT COLLECTED YET (unfinished, issue 32: some of these fail; rename to test_cluster_runs.py once they pass).
-
-Runs survive what clusters and people do to them: run folders moved or copied elsewhere, two
+"""Runs survive what clusters and people do to them: run folders moved or copied elsewhere, two
 starts into one --save_path, Ctrl-C and SIGTERM, a disk that filled, interrupted analyses,
 contradictory flags, one meaning of --test_size, one-line messages. Tiny digits runs; the scripts
 run in this process through cli_harness.call (judged as the command line), or as real processes
@@ -71,21 +69,18 @@ def finished(tmp_path_factory):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how", ["move", "copy"])
 def test_a_moved_or_copied_run_folder_recognises_its_own_files(finished, tmp_path, how):
-    elsewhere = tmp_path / "laptop"
-    (shutil.move if how == "move" else shutil.copytree)(str(finished / "run"), str(elsewhere / "run"))
-    try:
-        with offline():
-            out, _ = ok(elsewhere, "run_exp", *RUN, "--save_path", "run", "--resume")   # its own run, finished
-            assert "had already finished" in out
-            for script, argv in analyses(elsewhere, "run")[::-1]:  # every analysis reruns in the new place (the
-                # kernel last: its rerun rewrites the file the eigen-images were made from)
-                ok(elsewhere, script, *argv)
-            # ...while a kernel of another checkpoint under the same name is still refused
-            line = refused(elsewhere, "calculate_kernel", "--model_path", "run/parameters_checkpoint_0.pkl", *KERNEL)
-            assert "already holds a kernel with --model_path" in line and "parameters_final.pkl" in line
-    finally:
-        if how == "move":
-            shutil.move(str(elsewhere / "run"), str(finished / "run"))
+    home, elsewhere = tmp_path / "cluster", tmp_path / "laptop"
+    shutil.copytree(str(finished / "run"), str(home / "run"))   # the module's run stays as it was
+    (shutil.move if how == "move" else shutil.copytree)(str(home / "run"), str(elsewhere / "run"))
+    with offline():
+        out, _ = ok(elsewhere, "run_exp", *RUN, "--save_path", "run", "--resume")   # its own run, finished
+        assert "had already finished" in out
+        for script, argv in analyses(elsewhere, "run")[::-1]:  # every analysis reruns in the new place (the
+            # kernel last: its rerun rewrites the file the eigen-images were made from)
+            ok(elsewhere, script, *argv)
+        # ...while a kernel of another checkpoint under the same name is still refused
+        line = refused(elsewhere, "calculate_kernel", "--model_path", "run/parameters_checkpoint_0.pkl", *KERNEL)
+        assert "already holds a kernel with --model_path" in line and "parameters_final.pkl" in line
 
 
 def _interrupt_after(monkeypatch, epochs):
