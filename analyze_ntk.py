@@ -9,7 +9,12 @@
   features   Usefulness and robustness of the eigen-features f_i of the kernel predictor
              f(x) = K(x,X)(K(X,X) + r I)^-1 Y (ntk_predictor.feature_analysis).
   attack     Training-free FGSM/PGD examples of the kernel predictor, saved in eval_and_make_adv.py's
-             --test_path format, and their transfer to the checkpoint's network.
+             --test_path format, and their transfer to the checkpoint's network (--transfer_to: to
+             other checkpoints' networks).
+
+features and attack take K from a checkpoint (--model_path: its empirical NTK) or from an
+architecture (--arch, --depth, ...: its analytic infinite-width NTK, infinite.py, as Tsilivis &
+Kempe's notebook; --ridge 0 --method fgsm is that notebook's pipeline).
 
 The work is done by ntk_inputs.py (checkpoints, cached kernels, kernel files), ntk_predictor.py
 (the kernel predictor), kernel_analysis.py (the maths) and plots.py (the figures); examples of
@@ -32,8 +37,9 @@ DYNAMICS_FIGURES = ("polar_dynamics.png", "polar_vs_epoch.png", "eigenvalue_mass
 # ======================================================================================
 # Arguments
 # ======================================================================================
-_PREDICTOR_MEMORY_HELP = ("not used by this subcommand (accepted so one command line serves all three): the kernel "
-                          "predictor keeps the gradients of all --n_train images in memory")
+_PREDICTOR_MEMORY_HELP = ("with --arch, the memory budget of the infinite-width kernel's blocks and of the attack's "
+                          "chunks; with --model_path not used (the kernel predictor keeps the gradients of all "
+                          "--n_train images in memory)")
 
 
 def _add_common(p, memory_help=None):
@@ -46,7 +52,8 @@ def _add_common(p, memory_help=None):
 
 
 def _add_predictor(p):
-    p.add_argument("--model_path", required=True, help="checkpoint whose NTK defines the kernel predictor")
+    p.add_argument("--model_path", default=None,
+                   help="checkpoint whose empirical NTK defines the kernel predictor (or --arch instead)")
     p.add_argument("--use_linear_params", action="store_true",
                    help="evaluate the kernel at 'lin_params' instead of 'params' (in a phase-1 checkpoint: "
                         "the initial parameters, with the checkpoint's BatchNorm statistics)")
@@ -57,10 +64,15 @@ def _add_predictor(p):
                    help="restrict the task to these classes (e.g. --classes 3 8 for the paper's binary "
                         "setting); default all")
     p.add_argument("--ridge", type=float, default=1e-4,
-                   help="ridge r = RIDGE * mean(diag K(X,X)) added to K(X,X)")
+                   help="ridge r = RIDGE * mean(diag K(X,X)) added to K(X,X); 0 is ridgeless regression (Tsilivis & "
+                        "Kempe's notebook)")
     p.add_argument("--eps", type=float, default=4.0, help="L-inf radius in 1/255 units")
     p.add_argument("--steps", type=int, default=10, help="PGD steps (step size 2 eps / steps)")
     p.add_argument("--batch_size", type=int, default=50, help="test images per attack batch")
+    p.add_argument("--method", default="pgd", choices=("fgsm", "pgd"),
+                   help="attack: fgsm = one step of eps sign(input gradient) from the clean image, clipped to [0, 1]; "
+                        "pgd = --steps steps of 2 eps/steps from a random start")
+    cli.add_architecture_args(p)
 
 
 EXAMPLES = {
@@ -68,14 +80,17 @@ EXAMPLES = {
                 "--dataset_size 200 --out_dir runs/dynamics",
     "features": "python analyze_ntk.py features --model_path runs/phase1_AC/parameters_final.pkl --eps 16 "
                 "--out_dir runs/features_AC",
+    "features --arch": "python analyze_ntk.py features --arch fc --depth 1 --dataset cifar10 --classes 0 1 "
+                       "--n_train 2000 --n_test 100 --ridge 0 --float64 --method fgsm --eps 8 --out_dir runs/tk_fc1",
     "attack": "python analyze_ntk.py attack --model_path runs/phase1_CC/parameters_final.pkl --method pgd "
               "--eps 16 --steps 10",
 }
 
 
 def _subcommand(sub, name, description):
+    examples = [v for k, v in EXAMPLES.items() if k.split()[0] == name]
     return sub.add_parser(name, help=description, description=description,
-                          epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=cli.HelpFormatter)
+                          epilog="example:\n  " + "\n  ".join(examples), formatter_class=cli.HelpFormatter)
 
 
 def build_parser():
@@ -102,14 +117,19 @@ def build_parser():
     f.add_argument("--n_features", type=int, default=20, help="leading eigen-indices analysed (0 .. n_features-1)")
     f.add_argument("--n_tail", type=int, default=10,
                    help="further eigen-indices, log-spaced from n_features to the last (smallest eigenvalue)")
+    f.add_argument("--n_images", type=int, default=4,
+                   help="test images at which feature_images.png shows the input gradient of up to 8 of the analysed "
+                        "eigen-features (0: no such figure)")
     _add_common(f, _PREDICTOR_MEMORY_HELP)
 
     a = _subcommand(sub, "attack", "FGSM/PGD adversarial examples of the kernel predictor")
     _add_predictor(a)
-    a.add_argument("--method", default="pgd", choices=("fgsm", "pgd"), help="attack")
     a.add_argument("--save_name", default="ntk", help="outputs: adv_examples_{save_name}.pkl, ntk_attack_{save_name}.json")
     a.add_argument("--no_transfer", action="store_true",
-                   help="skip evaluating the checkpoint's network on the saved examples")
+                   help="skip evaluating the --model_path checkpoint's network on the saved examples")
+    a.add_argument("--transfer_to", nargs="+", default=None, metavar="CKPT",
+                   help="also evaluate these checkpoints' networks on the saved examples (clean, on the examples, "
+                        "and under their own PGD)")
     _add_common(a, _PREDICTOR_MEMORY_HELP)
     return p
 
@@ -191,7 +211,9 @@ def run_dynamics(args):
 # features, attack (the kernel predictor)
 # ======================================================================================
 def _default_out_dir(args):
-    return args.out_dir or os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "ntk_analysis")
+    if args.out_dir or args.model_path is None:
+        return args.out_dir or "ntk_analysis"
+    return os.path.join(os.path.dirname(os.path.abspath(args.model_path)), "ntk_analysis")
 
 
 def _predictor_setup(args, files, json_path, what):
@@ -199,7 +221,9 @@ def _predictor_setup(args, files, json_path, what):
     import ntk_inputs
     import ntk_predictor
     setup = ntk_predictor.PredictorSetup(args)
-    inputs = ntk_inputs.analysis_inputs(args, model=setup.net.model, width=setup.net.width, dataset=setup.net.dataset)
+    kernel = ({"architecture": setup.architecture} if setup.net is None else
+              {"model": setup.net.model, "width": setup.net.width})
+    inputs = ntk_inputs.analysis_inputs(args, dataset=setup.dataset, **kernel)
     ntk_inputs.check_analysis_outputs(files, json_path, inputs, what)
     utils.check_writable_dir(_default_out_dir(args), "--out_dir")
     return setup, inputs
@@ -212,17 +236,23 @@ def run_features(args):
     import plots
     if args.n_features < 0 or args.n_tail < 0:
         raise UserError("--n_features and --n_tail must be >= 0")
+    if not 0 <= args.n_images <= args.n_test:
+        raise UserError(f"--n_images must lie in [0, --n_test {args.n_test}] (got {args.n_images})")
     out_dir = _default_out_dir(args)
     fig_path, json_path = os.path.join(out_dir, "eigen_features.png"), os.path.join(out_dir, "eigen_features.json")
-    setup, inputs = _predictor_setup(args, [fig_path], json_path, "an eigen-feature analysis")
+    images_path = os.path.join(out_dir, "feature_images.png")
+    setup, inputs = _predictor_setup(args, [fig_path, images_path], json_path, "an eigen-feature analysis")
     summary = {"command": "features", "config": utils.run_config(args), **ntk_predictor.feature_analysis(setup, args),
                "inputs": inputs}
+    figures = [fig_path]
     utils.begin_outputs(json_path, inputs)
     plots.features_figure(summary, fig_path)
-    summary["figures"] = [fig_path]
+    if args.n_images:
+        figures.append(ntk_predictor.feature_images(setup, summary, args.n_images, images_path))
+    summary["figures"] = figures
     ntk_inputs.write_summary(json_path, summary)
-    print(ntk_predictor.features_report(summary, args.steps))
-    for f in (fig_path, json_path):
+    print(ntk_predictor.features_report(summary, args))
+    for f in figures + [json_path]:
         print(f"wrote {f}")
     return summary
 
@@ -242,13 +272,14 @@ def run_attack(args):
     utils.atomic_pickle(adv_path, {"images": np.ascontiguousarray(x_adv.transpose(0, 3, 1, 2)), "labels": labels})
     utils.atomic_pickle(clean_path, {"images": np.ascontiguousarray(setup.x_test.transpose(0, 3, 1, 2)),
                                      "labels": labels})
-    command = (f"python eval_and_make_adv.py --model_path {args.model_path} --test_path {adv_path} --no_adv "
-               f"--save_name transfer_{args.save_name}")
+    command = (f"python eval_and_make_adv.py --model_path {args.model_path or 'CKPT'} --test_path {adv_path} "
+               f"--no_adv --save_name transfer_{args.save_name}")
     summary = {"command": "attack", "config": utils.run_config(args), **result,
                "files": {"adv_examples": adv_path, "clean_examples": clean_path}, "transfer_command": command,
                "inputs": inputs}
-    if not args.no_transfer:
-        summary["network_transfer"] = ntk_predictor.network_transfer(setup, x_adv)
+    if setup.transfer_nets:
+        summary["network_transfer"] = [ntk_predictor.network_transfer(net, setup, x_adv, args)
+                                        for net in setup.transfer_nets]
     ntk_inputs.write_summary(json_path, summary)
     print(ntk_predictor.attack_report(summary))
     print(f"wrote {adv_path}\nwrote {clean_path}\nwrote {json_path}")

@@ -171,12 +171,6 @@ def save_kernel(out_path, result, counts=""):
     return result
 
 
-def architecture_record(args, width):
-    """What an infinite-width kernel is made from, as the file records it."""
-    return {"arch": args.arch, "depth": args.depth, "width": width, "W_std": float(args.W_std),
-            "b_std": float(args.b_std), "parameterization": args.parameterization}
-
-
 def run_infinite(args):
     """The analytic infinite-width kernel of --arch on the kernel images; saved like run()."""
     import data
@@ -184,34 +178,12 @@ def run_infinite(args):
     import ntk
     import utils
 
-    if args.model_path is not None:
-        raise UserError("--arch and --model_path exclude each other: --arch computes the infinite-width kernel "
-                        "of an architecture, --model_path the empirical NTK of a checkpoint")
-    if args.model is not None:
-        raise UserError("--model names a checkpoint's network; with --arch the network is --arch/--depth")
-    if args.depth is None:
-        raise UserError(f"--arch {args.arch} needs --depth"
-                        + (" (5, 7 or 10)" if args.arch == "myrtle" else " (the number of hidden layers)"))
-    if args.arch == "myrtle" and args.depth not in infinite.MYRTLE_FACTORS:
-        raise UserError(f"--depth {args.depth}: a Myrtle network has depth 5, 7 or 10")
-    if args.depth < 1:
-        raise UserError(f"--depth must be >= 1, got {args.depth}")
-    if args.b_std < 0:
-        raise UserError(f"--b_std must be >= 0, got {args.b_std}")
-    if args.use_linear_params:
-        raise UserError("--use_linear_params selects a checkpoint's parameters; an infinite-width kernel has none")
-    width = 1000 if args.width is None else args.width
     dataset = args.dataset or "cifar10"
     num_classes = data.num_classes_of(dataset)
     cli.check_class_index(args.class_index, num_classes, dataset)
-    net = infinite.architecture(args.arch, args.depth, width=width, W_std=args.W_std, b_std=args.b_std or None,
-                                parameterization=args.parameterization)
-    record = architecture_record(args, width)
+    net, record = infinite.network_from_args(args, data.INPUT_SHAPES[dataset])
+    width = record["width"]
     x, labels, indices = ntk.kernel_images(dataset, num_classes, args.dataset_size, args.random_seed, args.data_dir)
-    try:
-        infinite.output_shape(net.kernel_fn.ops, x.shape[1:])
-    except ValueError as e:
-        raise UserError(f"--arch {args.arch} --depth {args.depth} on {dataset}: {e}") from None
     out_path = os.path.normpath(os.path.join(os.path.abspath(args.bonus_dir),
                                              f"{args.save_name}{cli.class_suffix(args.class_index, args.dataset_size)}.pkl"))
     inputs = {"model_path": None, "use_linear_params": False, "class_index": args.class_index,

@@ -170,6 +170,47 @@ def architecture(name, depth, *, width=1000, W_std=2 ** 0.5, b_std=0.1, paramete
     return serial(*layers, Dense(num_classes, **kw))
 
 
+def network_from_args(args, input_shape):
+    """The `architecture` that the command line's --arch, --depth, --width, --W_std, --b_std and
+    --parameterization name (cli.add_architecture_args), checked against the flags of a
+    checkpoint and against images of `input_shape` [H, W, C]. Returns (Network, the record files
+    keep of it); bad flags are one-line UserErrors."""
+    from utils import UserError
+    if getattr(args, "model_path", None) is not None:
+        raise UserError("--arch and --model_path exclude each other: --arch takes the infinite-width kernel of an "
+                        "architecture, --model_path the empirical NTK of a checkpoint")
+    for flag, what in (("model", "--model names a checkpoint's network"),
+                       ("use_linear_params", "--use_linear_params selects a checkpoint's parameters")):
+        if getattr(args, flag, None):
+            raise UserError(f"{what}; an infinite-width kernel has none")
+    if args.depth is None:
+        raise UserError(f"--arch {args.arch} needs --depth"
+                        + (" (5, 7 or 10)" if args.arch == "myrtle" else " (the number of hidden layers)"))
+    if args.depth < 1 or args.arch == "myrtle" and args.depth not in MYRTLE_FACTORS:
+        raise UserError(f"--depth {args.depth}: " + ("a Myrtle network has depth 5, 7 or 10" if args.arch == "myrtle"
+                                                     else "give at least 1 hidden layer"))
+    if not 0 <= args.b_std < float("inf"):
+        raise UserError(f"--b_std must be finite and >= 0, got {args.b_std}")
+    width = 1000 if args.width is None else args.width
+    if width < 1:
+        raise UserError(f"--width must be >= 1, got {width}")
+    net = architecture(args.arch, args.depth, width=width, W_std=args.W_std, b_std=args.b_std or None,
+                       parameterization=args.parameterization)
+    try:
+        output_shape(net.kernel_fn.ops, input_shape)
+    except ValueError as e:
+        raise UserError(f"--arch {args.arch} --depth {args.depth} on images of {tuple(input_shape)}: {e}") from None
+    record = {"arch": args.arch, "depth": args.depth, "width": width, "W_std": float(args.W_std),
+              "b_std": float(args.b_std), "parameterization": args.parameterization}
+    return net, record
+
+
+def describe(record):
+    """An architecture record in words: 'fc depth 1 (ntk, W_std 1.41, b_std 0.1)'."""
+    return (f"{record['arch']} depth {record['depth']} ({record['parameterization']}, W_std {record['W_std']:.3g}, "
+            f"b_std {record['b_std']:g})")
+
+
 # --------------------------------------------------------------------------------------
 # Shapes: one example's shape through the layers (no batch axis)
 # --------------------------------------------------------------------------------------
@@ -659,6 +700,34 @@ class KernelFn:
                          forms=[s.form for s in steps], floats_per_pair=per_pair, dtype=dtype.name,
                          seconds=time.time() - t0)
         return {"nngp": nngp, "ntk": ntk}
+
+
+@functools.lru_cache(maxsize=None)
+def cross_kernel(kernel_fn, memory_gb=DEFAULT_MEMORY_GB, get="ntk"):
+    """`kernel(x_ref, x) -> K(x, x_ref)` [m, n] as one JAX expression, differentiable in x, whose
+    memory stays near `memory_gb` however many reference images: x_ref is taken in chunks by a
+    lax.map whose per-chunk pass is recomputed (jax.checkpoint) when differentiating, so the
+    input gradient of a kernel predictor K(x, X) w holds one chunk's layers at a time. The chunk
+    is sized at trace time from the batch and the network's cost per image pair. Memoized, so the
+    same kernel_fn gives the same function (and one compilation per shape)."""
+    _check_get(get)
+
+    def one_chunk(x, chunk):
+        return kernel_fn.traced(x, chunk)[get]
+
+    one_chunk = jax.checkpoint(one_chunk)
+
+    def kernel(x_ref, x):
+        n = len(x_ref)
+        per_pair, _ = kernel_fn.cost(x.shape[1:])
+        # float32 entries; forward values, their cotangents and the recomputation: about 4 copies
+        chunk = int(max(1, min(n, memory_gb * 2 ** 30 / 4 / 4 // (per_pair * len(x)))))
+        chunks = -(-n // chunk)
+        padded = jnp.concatenate([x_ref, jnp.repeat(x_ref[-1:], chunks * chunk - n, 0)]) if chunks * chunk > n else x_ref
+        k = jax.lax.map(lambda c: one_chunk(x, c), padded.reshape((chunks, chunk) + x_ref.shape[1:]))  # [chunks, m, chunk]
+        return jnp.moveaxis(k, 0, 1).reshape(len(x), chunks * chunk)[:, :n]
+
+    return kernel
 
 
 def _round_up(n, m):

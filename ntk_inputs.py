@@ -242,6 +242,8 @@ def analysis_inputs(args, **resolved):
     inputs = {k: v for k, v in vars(args).items() if k not in ANALYSIS_NOT_INPUTS}
     if getattr(args, "model_path", None) is not None:
         inputs["model_path"] = utils.file_record(args.model_path)
+    if getattr(args, "transfer_to", None) is not None:
+        inputs["transfer_to"] = [utils.file_record(p) for p in args.transfer_to]
     if getattr(args, "runs", None) is not None:
         inputs["runs"] = [utils.file_record(r) for r in args.runs]
     if getattr(args, "kernel_files", None) is not None:

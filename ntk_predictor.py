@@ -35,13 +35,17 @@ from utils import UserError
 
 
 class PredictorSetup:
-    """Everything a kernel-predictor analysis needs: network, images, kernels, fitted predictor.
+    """Everything a kernel-predictor analysis needs: kernel, images, fitted predictor.
 
-    Attributes: net, f, params, x_train [n,H,W,C], y_train [n] (task labels 0..C'-1),
-    train_indices, x_test [m,H,W,C], y_test [m] (task labels), test_indices, classes (original
-    label of each task class), k_train_train [n,n], k_test_train [m,n], predictor (EigenPredictor),
-    ridge (absolute), kernel_vars (ntk.cross_kernel's: parameters, BatchNorm state, X's gradient
-    rows), logits_fn ((kernel_vars, weights), x) -> K(x,X) @ weights, jit-stable), kernel_at(x)."""
+    The kernel is a checkpoint's empirical NTK (--model_path: `net` is its checkpoints.Network)
+    or an architecture's analytic infinite-width NTK (--arch: `net` is None, `infinite` the
+    infinite.Network and `architecture` its record). Attributes: dataset, num_classes, x_train
+    [n,H,W,C], y_train [n] (task labels 0..C'-1), train_indices, x_test [m,H,W,C], y_test [m]
+    (task labels), test_indices, classes (original label of each task class), k_train_train
+    [n,n], k_test_train [m,n], predictor (EigenPredictor), ridge (absolute), kernel_vars (what the
+    differentiable kernel takes: ntk.cross_kernel's parameters, BatchNorm state and X's gradient
+    rows, or X itself), logits_fn ((kernel_vars, weights), x) -> K(x,X) @ weights, jit-stable),
+    kernel_at(x)."""
 
     def __init__(self, args):
         """Check every input and draw the image subsets (no kernel yet: see `fit`)."""
@@ -50,17 +54,34 @@ class PredictorSetup:
                 raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
         if not (0 <= args.eps < float("inf") and 0 <= args.ridge < float("inf")):
             raise UserError(f"--eps and --ridge must be finite and >= 0 (got {args.eps:g} and {args.ridge:g})")
-        self.net = net = open_network(args.model_path, args)
-        cli.check_class_index(args.class_index, net.num_classes, net.dataset)
-        classes = list(range(net.num_classes)) if args.classes is None else sorted(set(args.classes))
-        if len(classes) < 2 or any(not 0 <= c < net.num_classes for c in classes):
-            raise UserError(f"--classes needs at least 2 distinct classes in [0, {net.num_classes - 1}] (got {args.classes})")
+        self.net = self.infinite = self.architecture = None
+        if args.arch is not None:
+            import infinite
+            self.dataset = args.dataset or "cifar10"
+            self.num_classes = data.num_classes_of(self.dataset)
+            self.infinite, self.architecture = infinite.network_from_args(args, data.INPUT_SHAPES[self.dataset])
+        elif args.model_path is None:
+            raise UserError("give --model_path (a checkpoint's empirical NTK) or --arch (an infinite-width NTK)")
+        else:
+            for flag in ("depth", "float64"):
+                if getattr(args, flag):
+                    raise UserError(f"--{flag} is for infinite-width kernels (--arch); a checkpoint's kernel is "
+                                    f"its empirical NTK")
+            self.net = open_network(args.model_path, args)
+            self.dataset, self.num_classes = self.net.dataset, self.net.num_classes
+        cli.check_class_index(args.class_index, self.num_classes, self.dataset)
+        classes = list(range(self.num_classes)) if args.classes is None else sorted(set(args.classes))
+        if len(classes) < 2 or any(not 0 <= c < self.num_classes for c in classes):
+            raise UserError(f"--classes needs at least 2 distinct classes in [0, {self.num_classes - 1}] "
+                            f"(got {args.classes})")
         self.classes = np.asarray(classes)
         n_classes = len(classes)
         for flag in ("n_train", "n_test"):
             if getattr(args, flag) % n_classes:
                 raise UserError(f"--{flag} {getattr(args, flag)} is not divisible by the number of classes ({n_classes})")
-        ds = load_data(net.dataset, args.data_dir, net.input_shape)
+        self.transfer_nets = transfer_networks(self, args)   # attack: checked before the images load
+        ds = load_data(self.dataset, args.data_dir, data.INPUT_SHAPES[self.dataset] if self.net is None
+                       else self.net.input_shape)
 
         def task_subset(x, y, size):
             pool = np.flatnonzero(np.isin(y, self.classes))
@@ -73,15 +94,8 @@ class PredictorSetup:
 
     def fit(self, args):
         """The kernels K(X,X), K(x_test,X) and the fitted predictor (the work; inputs are checked)."""
-        self.f, self.params = self.net.kernel_fn(args.use_linear_params)
-        x_ref = jnp.asarray(self.x_train)
         t0 = time.time()
-        # X's gradient rows are computed once and kept (ntk.cross_kernel): K(X, X) is their Gram
-        # matrix, and every K(x, X) of a test or attacked image reuses them.
-        kernel, self.kernel_vars = ntk.cross_kernel(self.f, self.params, x_ref, class_index=args.class_index)
-        self._kernel_jit, self.batch_size = jax.jit(kernel), args.batch_size
-        logits_summed = len(ntk.classes_of(args.class_index, self.net.num_classes))  # the network's, not the task's
-        self.k_train_train = ntk.reference_kernel(self.kernel_vars, logits_summed, args.batch_size)  # [n, n]
+        kernel = self._fit_infinite(args) if self.net is None else self._fit_empirical(args)
         self.k_test_train = self.kernel_at(self.x_test)                                             # [m, n]
         self.kernel_seconds = time.time() - t0
         self.ridge = args.ridge * float(np.mean(np.diag(self.k_train_train)))
@@ -89,18 +103,41 @@ class PredictorSetup:
             self.predictor = ka.fit_kernel_predictor(self.k_train_train,
                                                      ka.centered_one_hot(self.y_train, len(self.classes)), self.ridge)
         except ValueError as e:
-            raise UserError(f"{e} (--ridge)") from None
+            raise UserError(f"{e} (--ridge{'; or add --float64' if self.net is None and not args.float64 else ''})"
+                            ) from None
         self.logits_fn = ka.make_kernel_logits(kernel)
 
+    def _fit_empirical(self, args):
+        """K(X, X) of the checkpoint's NTK; returns the differentiable kernel(variables, x)."""
+        self.f, self.params = f, params = self.net.kernel_fn(args.use_linear_params)
+        # X's gradient rows are computed once and kept (ntk.cross_kernel): K(X, X) is their Gram
+        # matrix, and every K(x, X) of a test or attacked image reuses them.
+        kernel, self.kernel_vars = ntk.cross_kernel(f, params, jnp.asarray(self.x_train), class_index=args.class_index)
+        kernel_jit, b = jax.jit(kernel), args.batch_size
+
+        def kernel_at(x):   # padded to one compiled shape; the padded rows are dropped
+            return np.concatenate([np.asarray(kernel_jit(self.kernel_vars, parallel.pad_rows(x[i:i + b], b)),
+                                              np.float64)[:len(x[i:i + b])] for i in range(0, len(x), b)])
+
+        self._kernel_at = kernel_at
+        logits_summed = len(ntk.classes_of(args.class_index, self.net.num_classes))  # the network's, not the task's
+        self.k_train_train = ntk.reference_kernel(self.kernel_vars, logits_summed, args.batch_size)  # [n, n]
+        return kernel
+
+    def _fit_infinite(self, args):
+        """K(X, X) of the architecture's infinite-width NTK (every logit has the same kernel);
+        returns the differentiable kernel(X, x) = K(x, X) (infinite.cross_kernel)."""
+        import infinite
+        kernel_fn = self.infinite.kernel_fn
+        kw = dict(get="ntk", memory_gb=args.memory_gb, dtype="float64" if args.float64 else "float32")
+        self.kernel_vars = jnp.asarray(self.x_train)
+        self._kernel_at = lambda x: np.asarray(kernel_fn(x, self.x_train, **kw), np.float64)
+        self.k_train_train = np.asarray(kernel_fn(self.x_train, progress=not args.no_progress, **kw), np.float64)
+        return infinite.cross_kernel(kernel_fn, args.memory_gb)
+
     def kernel_at(self, x):
-        """K(x, X) [m, n] float64, in batches of --batch_size (the last one padded)."""
-        x = np.asarray(x, np.float32)
-        b = self.batch_size
-        out = []
-        for start in range(0, len(x), b):
-            xb = x[start:start + b]   # padded to one compiled shape; the padded rows are dropped
-            out.append(np.asarray(self._kernel_jit(self.kernel_vars, parallel.pad_rows(xb, b)), np.float64)[:len(xb)])
-        return np.concatenate(out)
+        """K(x, X) [m, n] float64."""
+        return self._kernel_at(np.asarray(x, np.float32))
 
     def accuracy(self, k_test_train, weights):
         """Accuracy on the test images of the predictor K(x,X) @ weights, from K(x_test, X)."""
@@ -114,13 +151,16 @@ class PredictorSetup:
                                           key=key, batch_size=args.batch_size)
 
     def describe(self, args):
-        return {**self.net.describe(), "use_linear_params": args.use_linear_params,
-                "class_index": args.class_index, "classes": self.classes.tolist(),
+        if self.net is None:
+            kernel = {"architecture": self.architecture, "kernel": "infinite-width NTK", "dataset": self.dataset,
+                      "num_classes": self.num_classes, "float64": bool(args.float64)}
+        else:
+            kernel = {**self.net.describe(), "kernel": "empirical NTK", "use_linear_params": args.use_linear_params}
+        return {**kernel, "class_index": args.class_index, "classes": self.classes.tolist(),
                 "n_train": len(self.y_train), "n_test": len(self.y_test),
                 "train_indices": self.train_indices.tolist(), "test_indices": self.test_indices.tolist(),
                 "ridge_rel": args.ridge, "ridge_abs": self.ridge, "random_seed": args.random_seed,
                 "targets": "centered one-hot (onehot - 1/C)", "kernel_seconds": round(self.kernel_seconds, 2)}
-
 
 # --------------------------------------------------------------------------------------
 # features
@@ -135,14 +175,14 @@ def feature_indices(n, n_features, n_tail):
 
 
 def _feature_attacks(setup, args, indices, key):
-    """Per eigen-index i: PGD on f_i alone, then the accuracy and label correlation of f_i and the
+    """Per eigen-index i: --method (FGSM or PGD) on f_i alone, then the accuracy and label correlation of f_i and the
     full predictor's accuracy on those images. Returns three lists, in the order of `indices`."""
     predictor, n_classes = setup.predictor, len(setup.classes)
     acc_feat_adv, corr_feat_adv, acc_full_on_feat_adv = [], [], []
     with tqdm(total=len(indices), desc="feature attacks", unit="feature", disable=args.no_progress) as bar:
         for i in indices:
             weights = np.outer(predictor["evecs"][:, i], predictor["coefs"][i])     # [n, C]: f_i = K(x,X) weights
-            x_adv = setup.attack(args, weights, "pgd", jax.random.fold_in(key, i))
+            x_adv = setup.attack(args, weights, args.method, jax.random.fold_in(key, i))
             k_adv = setup.kernel_at(x_adv)
             acc, corr = ka.feature_usefulness(ka.eigen_features(k_adv, predictor, [i]), setup.y_test, n_classes)
             acc_feat_adv.append(float(acc[0]))
@@ -167,7 +207,7 @@ def feature_analysis(setup, args):
     sum_error = float(np.max(np.abs(ka.eigen_features(setup.k_test_train, predictor).sum(0)
                                     - ka.kernel_predict(setup.k_test_train, predictor))))
     key = jax.random.PRNGKey(args.random_seed)
-    x_adv_full = setup.attack(args, predictor["alpha"], "pgd", jax.random.fold_in(key, 10 ** 6))
+    x_adv_full = setup.attack(args, predictor["alpha"], args.method, jax.random.fold_in(key, 10 ** 6))
     full_robust = setup.accuracy(setup.kernel_at(x_adv_full), predictor["alpha"])
     acc_feat_adv, corr_feat_adv, acc_full_on_feat_adv = _feature_attacks(setup, args, indices, key)
     per_index = [{"index": int(i), "eigenvalue": float(predictor["evals"][i]),
@@ -175,18 +215,65 @@ def feature_analysis(setup, args):
                   "acc_feature_attacked": acc_feat_adv[j], "corr_feature_attacked": corr_feat_adv[j],
                   "acc_full_on_feature_attack": acc_full_on_feat_adv[j]} for j, i in enumerate(indices)]
     return {**setup.describe(args), "eps_255": args.eps, "eps": cli.eps_from_255(args.eps),
-            "attack": f"L-inf PGD-{args.steps}, step 2eps/steps, cross-entropy on the attacked feature's outputs",
+            "method": args.method, "attack": f"{attack_name(args)} on the cross-entropy of the attacked feature's outputs",
             "chance": 1 / n_classes, "full_predictor": {"acc_clean": full_clean, "acc_robust": full_robust},
             "max_abs_sum_of_features_minus_predictor": sum_error,
             "eigenvalues": predictor["evals"].tolist(), "features": per_index}
 
 
-def features_report(summary, steps):
-    """The `features` summary in words: the full predictor's accuracies (PGD-`steps`) and a table
-    with one row per analysed eigen-index."""
+def attack_name(args):
+    """--method in words: 'FGSM' or 'PGD-10 (step 2 eps/10, random start)'."""
+    return "FGSM" if args.method == "fgsm" else f"PGD-{args.steps} (step 2 eps/{args.steps}, random start)"
+
+
+def feature_images(setup, summary, n_images, path):
+    """plots.feature_images_figure of up to 8 of the analysed eigen-features at `n_images` test
+    images, recorded in summary['feature_images']; returns `path`."""
+    import plots
+    shown = shown_indices([r["index"] for r in summary["features"]])
+    images = shown_images(len(setup.y_test), n_images)
+    summary["feature_images"] = {"indices": shown, "test_images": images,
+                                 "what": "input gradient of f_i at each test image (two classes: the second output "
+                                         "minus the first; more: the true class's), min-max normalised"}
+    return plots.feature_images_figure(summary, setup.x_test[images], feature_gradients(setup, shown, images), path)
+
+
+def shown_indices(indices, count=8):
+    """At most `count` of the analysed eigen-indices, spread from the first to the last."""
+    picks = np.unique(np.round(np.linspace(0, len(indices) - 1, min(count, len(indices)))).astype(int))
+    return [indices[p] for p in picks]
+
+
+def shown_images(n_test, n_images):
+    """Positions of `n_images` test images spread over the test set (so over its classes)."""
+    return np.unique(np.round(np.linspace(0, n_test - 1, n_images)).astype(int)).tolist()
+
+
+def feature_gradients(setup, indices, images):
+    """The input gradient of each eigen-feature f_i at the test images at positions `images`,
+    [len(indices), len(images), H, W, C]. With two classes f_i is the notebook's scalar phi_i
+    (the second output minus the first: +1 is the second class); with more, the true class's."""
+    x, y = jnp.asarray(setup.x_test[images]), jnp.asarray(setup.y_test[images])
+    binary = len(setup.classes) == 2
+
+    @jax.jit
+    def grad(weights, x):
+        def value(x):
+            out = setup.logits_fn((setup.kernel_vars, weights), x)
+            return jnp.sum(out[:, 1] - out[:, 0]) if binary else jnp.sum(jnp.take_along_axis(out, y[:, None], 1))
+        return jax.grad(value)(x)
+
+    predictor = setup.predictor
+    return np.stack([np.asarray(grad(jnp.asarray(np.outer(predictor["evecs"][:, i], predictor["coefs"][i]), jnp.float32),
+                                     x)) for i in indices])
+
+
+def features_report(summary, args):
+    """The `features` summary in words: the full predictor's accuracies and a table with one row
+    per analysed eigen-index."""
     full = summary["full_predictor"]
     lines = [f"kernel predictor ({summary['n_train']} train, {summary['n_test']} test, classes {summary['classes']}): "
-             f"clean {full['acc_clean']:.3f}, PGD-{steps} eps {summary['eps_255']:g}/255 robust "
+             f"clean {full['acc_clean']:.3f}, {attack_name(args)} eps {summary['eps_255']:g}/255 robust "
              f"{full['acc_robust']:.3f}; |sum f_i - f| = {summary['max_abs_sum_of_features_minus_predictor']:.2e}",
              "index  eigenvalue   acc_clean  corr_clean  acc_attacked  full_acc_on_feature_attack"]
     lines += [f"{r['index']:5d}  {r['eigenvalue']:10.4g}  {r['acc_clean']:9.3f}  {r['corr_clean']:10.3f}  "
@@ -215,29 +302,51 @@ def predictor_attack(setup, args):
                    "attack_seconds": round(attack_seconds, 2)}
 
 
-def network_transfer(setup, x_adv):
-    """The checkpoint's network (standard dynamics, 'params') on the clean test images and on
-    their NTK-attacked versions, through attacks.evaluate without an attack of its own."""
+def transfer_networks(setup, args):
+    """The networks `attack` carries the kernel's examples to: the checkpoint itself
+    (--model_path, unless --no_transfer) and every --transfer_to checkpoint, opened and checked
+    to take the task's images and labels. Returns [checkpoints.Network] ([] for `features`)."""
+    import checkpoints
+    if args.command != "attack":
+        return []
+    nets = [setup.net] if setup.net is not None and not args.no_transfer else []
+    shape = data.INPUT_SHAPES[setup.dataset]
+    for path in args.transfer_to or []:
+        net = checkpoints.open_network(path, flag="--transfer_to")
+        if tuple(net.input_shape) != tuple(shape):
+            raise UserError(f"--transfer_to {path} takes images of {tuple(net.input_shape)}, but these "
+                            f"{setup.dataset} images are {tuple(shape)}")
+        if net.num_classes <= int(setup.classes.max()):
+            raise UserError(f"--transfer_to {path} has {net.num_classes} classes; --classes needs class "
+                            f"{int(setup.classes.max())}")
+        nets.append(net)
+    return nets
+
+
+def network_transfer(net, setup, x_adv, args):
+    """A network (standard dynamics, 'params') on the clean test images, on the kernel's
+    adversarial versions (attacks.evaluate without an attack, as eval_and_make_adv.py --test_path
+    ... --no_adv), and under its own white-box L-inf PGD at the same eps, for contrast."""
     labels = setup.classes[setup.y_test]  # the network's own labels, not the task's 0..C'-1
-    theta, theta0 = setup.net.parameters("standard")
-    predict = attacks.make_predict(setup.net.apply, "standard")
-    variables = (theta, theta0, setup.net.ckpt["net_state"])
-    accs = {name: attacks.evaluate(predict, variables, x, labels, attack=None)["acc_clean"]
-            for name, x in (("clean", setup.x_test), ("adv", jnp.asarray(x_adv)))}
-    return {"acc_clean": accs["clean"], "acc_on_ntk_examples": accs["adv"],
-            "evaluated_with": "attacks.evaluate without attack (standard dynamics, 'params'), as "
-                              "eval_and_make_adv.py --test_path ... --no_adv"}
+    eps = cli.eps_from_255(args.eps)
+    own = attacks.AttackConfig(norm="linf", eps=eps, step_size=2 * eps / args.steps, steps=args.steps, name="pgd")
+    white = attacks.evaluate_network(net, "standard", setup.x_test, labels, own, seed=args.random_seed,
+                                     batch_size=args.batch_size)
+    transfer = attacks.evaluate_network(net, "standard", x_adv, labels, None, seed=args.random_seed,
+                                        batch_size=args.batch_size)
+    return {"model_path": net.path, "model": net.model, "width": net.width, "acc_clean": white["acc_clean"],
+            "acc_on_ntk_examples": transfer["acc_clean"], "acc_own_pgd": white["acc_adv"],
+            "own_pgd": f"L-inf PGD-{args.steps}, step 2 eps/{args.steps}, random start"}
 
 
 def attack_report(summary):
-    """The `attack` summary in words: the predictor's clean and attacked accuracy, and the
-    network's on the same images when it was evaluated."""
+    """The `attack` summary in words: the predictor's clean and attacked accuracy, and each
+    network's on the same images."""
     accs = summary["kernel_predictor"]
     lines = [f"kernel predictor on {summary['n_test']} test images: clean {accs['acc_clean']:.3f}, "
              f"{summary['method'].upper()} eps {summary['eps_255']:g}/255 robust {accs['acc_robust']:.3f} "
              f"(max |delta| = {summary['max_linf_perturbation'] * 255:.2f}/255)"]
-    if "network_transfer" in summary:
-        transfer = summary["network_transfer"]
-        lines.append(f"network ({summary['model_path']}) on the same images: clean {transfer['acc_clean']:.3f}, "
-                     f"on the NTK examples {transfer['acc_on_ntk_examples']:.3f}")
+    for t in summary.get("network_transfer", []):
+        lines.append(f"network {t['model_path']} ({t['model']}): clean {t['acc_clean']:.3f}, on the kernel's examples "
+                     f"{t['acc_on_ntk_examples']:.3f}, under its own PGD {t['acc_own_pgd']:.3f}")
     return "\n".join(lines)

@@ -163,7 +163,11 @@ def _mass_figure(results, path):
 # analyze_ntk.py features
 # --------------------------------------------------------------------------------------
 def _network_name(summary):
-    """The analysed network in words: its checkpoint (run directory and file) and architecture."""
+    """The analysed kernel in words: its checkpoint (run directory and file) and network, or the
+    architecture of an infinite-width kernel."""
+    if summary.get("architecture"):
+        a = summary["architecture"]
+        return f"infinite-width {a['arch']}-{a['depth']} ({a['parameterization']}, {summary['dataset']})"
     path = os.path.normpath(summary["model_path"])
     short = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
     arch = summary["model"] + (f" width {summary['width']}" if summary["model"] == "resnet18" else "")
@@ -186,7 +190,7 @@ def features_figure(summary, path):
     ax.axhline(summary["full_predictor"]["acc_clean"], color="k", ls="--", lw=0.8, label="full predictor, clean")
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"accuracy per eigen-feature (PGD eps {summary['eps_255']:g}/255)")
+    ax.set_title(f"accuracy per eigen-feature ({summary.get('method', 'pgd').upper()} eps {summary['eps_255']:g}/255)")
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax = axes[1]
     ax.plot(x, [r["corr_clean"] for r in rows], "-o", ms=3, label="clean")
@@ -210,6 +214,30 @@ def features_figure(summary, path):
     task = "all classes" if len(classes) == summary["num_classes"] else f"classes {', '.join(map(str, classes))}"
     fig.suptitle(f"NTK eigen-features of {_network_name(summary)}: kernel predictor on {summary['n_train']} "
                  f"training images, {summary['n_test']} test images, {task}", fontsize=12)
+    fig.tight_layout()
+    return save_fig(fig, path)
+
+
+def feature_images_figure(summary, images, gradients, path):
+    """Per shown eigen-index (a row): the input gradient of f_i at each test image, min-max
+    normalised (Tsilivis & Kempe's pictures), titled with its eigenvalue and its clean and
+    attacked accuracy; the test images themselves in the first row. Written to `path`."""
+    rows = {r["index"]: r for r in summary["features"]}
+    shown = summary["feature_images"]["indices"]
+    n = len(images)
+    fig, axes = plt.subplots(len(shown) + 1, n, figsize=(1.9 * n + 2.2, 1.9 * (len(shown) + 1)), squeeze=False)
+    for c in range(n):
+        _show_image(axes[0, c], images[c], f"test image {summary['feature_images']['test_images'][c] + 1}")
+        for r, i in enumerate(shown, start=1):
+            g = gradients[r - 1, c]
+            _show_image(axes[r, c], (g - g.min()) / max(g.max() - g.min(), 1e-30), "")
+    for r, i in enumerate(shown, start=1):
+        row = rows[i]
+        axes[r, 0].set_ylabel(f"i={i + 1}  λ={row['eigenvalue']:.3g}\nacc {row['acc_clean']:.2f} / "
+                              f"{row['acc_feature_attacked']:.2f}", fontsize=8, rotation=0, ha="right", va="center")
+    method = summary.get("method", "pgd").upper()
+    fig.suptitle(f"input gradients of the eigen-features of {_network_name(summary)}\n"
+                 f"(min-max normalised; acc clean / under {method} eps {summary['eps_255']:g}/255 on f_i)", fontsize=10)
     fig.tight_layout()
     return save_fig(fig, path)
 

@@ -122,6 +122,12 @@ def make_tangent_fns(f, classes, loop="auto"):
         g_norm = jnp.sqrt(_tree_vdot(g, g) + 1e-30)
         return _tree_vdot(g, v) / (g_norm * v_norm + 1e-30)
 
+    return TangentTools(direction, jax.jit(cosine), _ascender(cosine, loop), classes, loop)
+
+
+def _ascender(cosine, loop):
+    """ascend(params, v, x0, sign, step_size, steps) -> (x_best, cos_best, history) on
+    `cosine(params, v, x)`: see make_tangent_fns. `loop` is 'fori' or 'host'."""
     def step(params, v, carry, sign, step_size, update):
         """Score the iterate x, keep it if it is the best so far, then (if `update`) move it."""
         x, x_best, c_best = carry
@@ -154,7 +160,36 @@ def make_tangent_fns(f, classes, loop="auto"):
             history.append(c)
         return carry[1], carry[2], jnp.stack(history)
 
-    return TangentTools(direction, jax.jit(cosine), ascend_fori if loop == "fori" else ascend_host, classes, loop)
+    return ascend_fori if loop == "fori" else ascend_host
+
+
+def make_kernel_tools(kernel_fn, k_train, classes, loop="auto", get="ntk"):
+    """TangentTools for an infinite-width kernel, which has no parameters: the cosine of the
+    (infinite) tangent feature of x with v = sum_j coef[j] g(x_j) is computed through the kernel,
+
+        cos = K(x,X) coef / sqrt(K(x,x) coef^T K coef)   (= K(x,X) u / sqrt(K(x,x) lambda) for an eigenvector),
+
+    which is what `make_tangent_fns`'s cosine is for an empirical kernel. With k stacked classes
+    (the mean kernel; every logit of an infinite network has the same kernel K):
+    sum_c K(x,X) coef_c / sqrt(k K(x,x) sum_c coef_c^T K coef_c). `params` is X [n, H, W, C] itself,
+    v is (coef [n, k], sum_c coef_c^T K coef_c); `kernel_fn` is infinite.Network.kernel_fn, `get`
+    which of its kernels ('ntk' or 'nngp'), and k_train [n, n] that kernel's K(X, X)."""
+    classes = tuple(int(c) for c in classes)
+    k = len(classes)
+    loop = attacks.loop_mode(loop)
+    gram = jnp.asarray(k_train, jnp.float32)
+
+    def direction(x_ref, x, coef):
+        coef = jnp.asarray(np.asarray(coef, np.float32).reshape(len(x), k))
+        return coef, jnp.sum(coef * (gram @ coef))
+
+    def cosine(x_ref, v, x):
+        coef, v_sq = v
+        k_x = kernel_fn(x[None], x_ref, get=get)[0]      # K(x, X) [n]
+        k_xx = kernel_fn(x[None], get=get)[0, 0]         # K(x, x)
+        return jnp.sum(k_x @ coef) / (jnp.sqrt(k * k_xx * v_sq) + 1e-30)
+
+    return TangentTools(direction, jax.jit(cosine), _ascender(cosine, loop), classes, loop)
 
 
 def eigen_images(tools, params, x_kernel, evecs, w, n_images, steps, step_size, progress=True):

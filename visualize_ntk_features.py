@@ -54,7 +54,8 @@ def build_parser():
     p = cli.parser("Images whose NTK tangent features align with the kernel's top eigenvectors "
                    "(positive: ascent, negative: descent) and with the kernel-regression weights "
                    "K^-1 y_c. Writes a pickle and a PNG under dirname(model_path)/bonus_dir.", EXAMPLES)
-    p.add_argument("--model_path", required=True, help="checkpoint the kernel was computed from")
+    p.add_argument("--model_path", default=None,
+                   help="checkpoint the kernel was computed from (none for a kernel of calculate_kernel.py --arch)")
     p.add_argument("--kernel_path", required=True,
                    help="kernel file written by calculate_kernel.py (its images, class and model are used)")
     p.add_argument("--dataset_size", type=int, default=None,
@@ -72,7 +73,9 @@ def build_parser():
                    help="how the steps run: 'fori' = one jitted lax.fori_loop; 'host' = the jitted step "
                         "dispatched from Python (XLA:CPU runs weight-gradient convolutions several times "
                         "slower inside a loop, jax-ml/jax#12868); auto = host on CPU, fori elsewhere")
-    p.add_argument("--bonus_dir", default=".", help="sub-directory of dirname(model_path) for the outputs")
+    p.add_argument("--bonus_dir", default=".",
+                   help="sub-directory of dirname(model_path) for the outputs (of dirname(kernel_path) for an "
+                        "infinite-width kernel)")
     cli.add_network_args(p)
     p.add_argument("--random_seed", type=cli.seed, default=None,
                    help="seed the kernel's images were drawn with; checked against the kernel file "
@@ -133,7 +136,8 @@ def check_kernel_source(kfile, model_path):
 
 
 def output_stem(args, class_index, n):
-    return os.path.join(cli.output_dir(args.model_path, args.bonus_dir), args.save_name + cli.class_suffix(class_index, n))
+    folder = cli.output_dir(args.model_path or args.kernel_path, args.bonus_dir)
+    return os.path.join(folder, args.save_name + cli.class_suffix(class_index, n))
 
 
 def open_inputs(args):
@@ -154,17 +158,28 @@ def open_inputs(args):
     if args.steps < 0 or not 0 < args.step_size < float("inf") or not 0 <= args.ridge < float("inf"):
         raise UserError("--steps must be >= 0, --step_size > 0 and --ridge >= 0 (both finite)")
 
-    checkpoints.check_file(args.model_path)
-    ckpt = checkpoints.load_checkpoint(args.model_path)
-    meta = ckpt["meta"]
-    check_kernel_source(kfile, args.model_path)
-    agreed = {key: _resolve(key, ("the kernel file", kfile[key]), ("the checkpoint", meta.get(key)),
-                            (f"--{key}", getattr(args, key))) for key in ("dataset", "model", "width")}
-    if agreed["dataset"] is None or agreed["model"] is None:
-        raise UserError("say --dataset and --model: neither the kernel file nor the checkpoint names them")
-    num_classes = _resolve("num_classes", ("the kernel file", kfile["num_classes"]),
-                           ("the checkpoint", meta.get("num_classes")),
-                           (f"dataset {agreed['dataset']}", data.num_classes_of(agreed["dataset"])))
+    if kfile.get("architecture") is not None:   # calculate_kernel.py --arch: no checkpoint
+        if args.model_path is not None:
+            raise UserError(f"{args.kernel_path} is the infinite-width kernel of an architecture, not of a checkpoint: "
+                            f"drop --model_path")
+        meta = {"input_shape": None}
+        agreed = {key: _resolve(key, ("the kernel file", kfile[key]), (f"--{key}", getattr(args, key)))
+                  for key in ("dataset", "width")}
+        num_classes = kfile["num_classes"]
+    else:
+        if args.model_path is None:
+            raise UserError(f"{args.kernel_path} is a checkpoint's empirical NTK: give that checkpoint as --model_path")
+        checkpoints.check_file(args.model_path)
+        ckpt = checkpoints.load_checkpoint(args.model_path)
+        meta = ckpt["meta"]
+        check_kernel_source(kfile, args.model_path)
+        agreed = {key: _resolve(key, ("the kernel file", kfile[key]), ("the checkpoint", meta.get(key)),
+                                (f"--{key}", getattr(args, key))) for key in ("dataset", "model", "width")}
+        if agreed["dataset"] is None or agreed["model"] is None:
+            raise UserError("say --dataset and --model: neither the kernel file nor the checkpoint names them")
+        num_classes = _resolve("num_classes", ("the kernel file", kfile["num_classes"]),
+                               ("the checkpoint", meta.get("num_classes")),
+                               (f"dataset {agreed['dataset']}", data.num_classes_of(agreed["dataset"])))
     if not -1 <= class_index < num_classes:
         raise UserError(f"class_index {class_index} is not -1 or a class of {agreed['dataset']} (0..{num_classes - 1})")
     dataset = data.load_dataset(agreed["dataset"], args.data_dir)
@@ -177,8 +192,29 @@ def open_inputs(args):
     if not np.array_equal(dataset.y_train[idx], kfile["labels"]):
         raise UserError(f"the kernel's labels differ from those of its indices in {agreed['dataset']}'s training "
                         f"split under {args.data_dir}: not the images the kernel was computed on")
-    net = checkpoints.Network(ckpt, args.model_path, **agreed)
+    net = (KernelNetwork(kfile, num_classes) if args.model_path is None
+           else checkpoints.Network(ckpt, args.model_path, **agreed))
     return kfile, net, class_index, dataset.x_train[idx]
+
+
+class KernelNetwork:
+    """An infinite-width kernel file in the place of a checkpoint's network: the fields draw_images
+    reads (dataset, model, width, num_classes) and `tools`, which align images through the kernel."""
+
+    def __init__(self, kfile, num_classes):
+        import infinite
+        a = kfile["architecture"]
+        self.record, self.kernel_type, self.k_train = a, kfile.get("kernel_type", "ntk"), kfile["kernel"]
+        self.dataset, self.model, self.width, self.num_classes = kfile["dataset"], kfile["model"], a["width"], num_classes
+        self.kernel_fn = infinite.architecture(a["arch"], a["depth"], width=a["width"], W_std=a["W_std"],
+                                               b_std=a["b_std"] or None, parameterization=a["parameterization"]).kernel_fn
+
+    def tools(self, classes, loop, x_kernel):
+        """(TangentTools through the kernel, their `params`: the kernel's images X)."""
+        import jax.numpy as jnp
+        import tangent_features
+        return (tangent_features.make_kernel_tools(self.kernel_fn, self.k_train, classes, loop, get=self.kernel_type),
+                jnp.asarray(x_kernel))
 
 
 # --------------------------------------------------------------------------------------
@@ -191,7 +227,6 @@ def draw_images(args, kfile, net, class_index, x_kernel):
     import kernel_analysis
     import tangent_features
     use_lin = bool(kfile["use_linear_params"])
-    f, params = net.kernel_fn(use_lin)
     evals, evecs = kernel_analysis.eigh_desc(kfile["kernel"], fix_signs=True)   # host, float64
     classes = tuple(range(net.num_classes)) if class_index == -1 else (class_index,)
     targets = (kfile["labels"][:, None] == np.asarray(classes)[None, :]).astype(np.float64)  # [n, k]
@@ -199,7 +234,11 @@ def draw_images(args, kfile, net, class_index, x_kernel):
     if ridge_used is not None:
         print(f"K is ill-conditioned (eigenvalues {evals[0]:.3g} .. {evals[-1]:.3g}): solving for w "
               f"with ridge {ridge_used:.3g} (= {args.ridge:g} * mean diag K)")
-    tools = tangent_features.make_tangent_fns(f, classes, loop=args.loop)
+    if isinstance(net, KernelNetwork):
+        tools, params = net.tools(classes, args.loop, x_kernel)
+    else:
+        f, params = net.kernel_fn(use_lin)
+        tools = tangent_features.make_tangent_fns(f, classes, loop=args.loop)
     images, seconds = tangent_features.eigen_images(tools, params, x_kernel, evecs, w, args.n_images, args.steps,
                                                     args.step_size, progress=not args.no_progress)
     n, k = len(x_kernel), len(classes)
@@ -208,7 +247,8 @@ def draw_images(args, kfile, net, class_index, x_kernel):
             "classes": list(classes), "steps": args.steps, "step_size": args.step_size, "loop": tools.loop,
             "use_linear_params": use_lin, "dataset": net.dataset, "model": net.model, "width": net.width,
             "num_classes": net.num_classes, "kernel_path": os.path.abspath(args.kernel_path),
-            "model_path": os.path.abspath(args.model_path), "indices": kfile["indices"], "labels": kfile["labels"],
+            "model_path": args.model_path and os.path.abspath(args.model_path), "architecture": kfile.get("architecture"),
+            "indices": kfile["indices"], "labels": kfile["labels"],
             "seconds": seconds}
 
 
@@ -219,7 +259,8 @@ def run(args):
     kfile, net, class_index, x_kernel = open_inputs(args)
     n = len(x_kernel)
     stem = output_stem(args, class_index, n)
-    inputs = {"kernel_path": utils.file_record(args.kernel_path), "model_path": utils.file_record(args.model_path),
+    inputs = {"kernel_path": utils.file_record(args.kernel_path),
+              "model_path": args.model_path and utils.file_record(args.model_path),
               "n_images": args.n_images, "steps": args.steps, "step_size": args.step_size, "ridge": args.ridge}
     # the images of another kernel (or other --steps, ...) under the same name are not replaced
     utils.check_outputs([stem + ".pkl", stem + ".png"], inputs, "eigen-images",
@@ -231,6 +272,8 @@ def run(args):
     utils.atomic_pickle(pkl_path, result)
     which = "mean over logits" if class_index == -1 else f"class {class_index}"
     title = (f"NTK eigen-images: {net.model}" + (f" (width {net.width})" if net.model == "resnet18" else "")
+             + (f" depth {result['architecture']['depth']}, infinite width {net.kernel_type.upper()}"
+                if result["architecture"] else "")
              + f", {net.dataset}, {which}, n={n}, {args.steps} steps of {args.step_size:g}"
              + (", lin_params" if result["use_linear_params"] else ""))
     utils.atomic_write_bytes(png_path, plots.eigen_images_figure(result, title))

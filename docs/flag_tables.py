@@ -43,4 +43,4 @@ def table(p):
 
 if __name__ == "__main__":
     for title, p in parsers():
-        print(f"#### `{title}`\n\n{table(p)}\n")
+        print(f"### `{title}`\n\n{table(p)}\n")

@@ -235,8 +235,27 @@ def test_attack_script_lowers_accuracy_and_saves_transferable_examples(tiny_run,
     assert adv["images"].min() >= 0 and adv["images"].max() <= 1
     x, y = load_test_pickle(s["files"]["adv_examples"], (8, 8, 1), 10)   # eval_and_make_adv's reader
     assert x.shape == (30, 8, 8, 1)
-    t = s["network_transfer"]                                            # ran eval_and_make_adv.run
-    assert 0 <= t["acc_on_ntk_examples"] <= 1 and 0 <= t["acc_clean"] <= 1
+    t, = s["network_transfer"]                                           # the checkpoint's own network
+    assert 0 <= t["acc_on_ntk_examples"] <= 1 and 0 <= t["acc_own_pgd"] <= t["acc_clean"] <= 1
+
+
+def test_an_infinite_kernels_examples_transfer_to_networks(tiny_run, tmp_path):
+    """attack --arch --transfer_to: each checkpoint's clean accuracy, on the kernel's examples and
+    under its own PGD; a checkpoint of another input shape is refused before any work."""
+    import analyze_ntk
+    from cli_harness import call
+    ckpt = str(tiny_run / "parameters_checkpoint_1.pkl")
+    s = analyze_ntk.run(_args(["attack", "--arch", "fc", "--depth", "1", "--dataset", "digits", "--n_train", "20",
+                               "--n_test", "20", "--eps", "16", "--steps", "3", "--transfer_to", ckpt, ckpt,
+                               "--out_dir", str(tmp_path / "a")]))
+    assert "model_path" not in s and s["architecture"]["arch"] == "fc"
+    assert len(s["network_transfer"]) == 2 and s["network_transfer"][0] == s["network_transfer"][1]
+    t = s["network_transfer"][0]
+    assert t["model_path"] == ckpt and 0 <= t["acc_own_pgd"] <= t["acc_clean"] <= 1 and 0 <= t["acc_on_ntk_examples"] <= 1
+    code, _, err = call("analyze_ntk", ["attack", "--arch", "fc", "--depth", "1", "--dataset", "cifar10",
+                                        "--transfer_to", ckpt, "--out_dir", "b"], str(tmp_path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "takes images of (8, 8, 1), but these cifar10 images are (32, 32, 3)" in err, err
 
 
 def test_epoch_axes_show_no_negative_epochs():

@@ -242,3 +242,55 @@ def test_cli_prints_one_line_error(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: class_index mismatch") and "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Infinite-width kernels: the alignment goes through the kernel itself
+# --------------------------------------------------------------------------------------
+def test_the_kernel_cosine_is_the_tangent_feature_cosine_on_an_empirical_kernel(tmp_path):
+    """cos = K(x,X) u / sqrt(K(x,x) lambda), the cosine make_kernel_tools computes through a
+    kernel, equals make_tangent_fns's cosine of the tangent features when K is an empirical NTK."""
+    _, _, (f, params, ds, idx) = _setup(tmp_path, n=20)
+    x = jnp.asarray(ds.x_train[idx])
+    c = 3
+
+    def jacobian(x):   # [n, P] for logit c
+        jac = jax.jacrev(lambda p: f(p, x)[:, c])(params)
+        return jnp.concatenate([a.reshape(len(x), -1) for a in jax.tree_util.tree_leaves(jac)], -1)
+
+    def empirical(x1, x2=None, get="ntk"):
+        j1 = jacobian(x1)
+        return j1 @ (j1 if x2 is None else jacobian(x2)).T
+
+    kernel = np.asarray(empirical(x), np.float64)
+    evals, evecs = kernel_analysis.eigh_desc(kernel, fix_signs=True)
+    tangent = tangent_features.make_tangent_fns(f, (c,))
+    through_kernel = tangent_features.make_kernel_tools(empirical, kernel, (c,))
+    probes = jnp.asarray(ds.x_test[:3])
+    for coef in (evecs[:, :1], evecs[:, 4:5], np.linspace(-1, 1, 20)[:, None]):
+        v, kv = tangent.direction(params, np.asarray(x), coef), through_kernel.direction(x, x, coef)
+        for probe in probes:
+            np.testing.assert_allclose(through_kernel.cosine(x, kv, probe), tangent.cosine(params, v, probe),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_eigen_images_of_an_infinite_kernel_file(tmp_path):
+    """calculate_kernel.py --arch, then visualize_ntk_features.py on its file without a checkpoint:
+    the ascent raises and the descent lowers the kernel cosine; a --model_path is refused."""
+    import calculate_kernel
+    from cli_harness import call
+    calculate_kernel.run(calculate_kernel.build_parser().parse_args(
+        ["--arch", "conv", "--depth", "1", "--dataset", "digits", "--dataset_size", "20", "--class_index", "0",
+         "--bonus_dir", str(tmp_path / "k"), "--no_progress"]))
+    kpath = str(tmp_path / "k" / "saved_kernel_class_0_20.pkl")
+    res = viz.run(viz.build_parser().parse_args(["--kernel_path", kpath, "--n_images", "2", "--steps", "15",
+                                                 "--step_size", "0.01", "--bonus_dir", "viz", "--no_progress"]))
+    assert res["architecture"]["arch"] == "conv" and res["model_path"] is None
+    assert res["pkl_path"] == str(tmp_path / "k" / "viz" / "ntk_eig_images_class_0_20.pkl")
+    assert os.path.isfile(res["png_path"])
+    start = res["pos_cos_history"][:, 0]
+    assert np.all(res["pos_cos"] > start) and np.all(res["neg_cos"] < start) and res["w_cos"] > res["w_cos_history"][0]
+    assert np.all((res["pos_images"] >= 0) & (res["pos_images"] <= 1))
+    ckpt, _, _ = _setup(tmp_path, n=20)
+    code, _, err = call("visualize_ntk_features", ["--kernel_path", kpath, "--model_path", ckpt], str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "drop --model_path" in err, err
