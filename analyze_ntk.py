@@ -23,7 +23,6 @@ each subcommand are in EXAMPLES (and its --help).
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 
@@ -138,40 +137,15 @@ def build_parser():
 # ======================================================================================
 # dynamics
 # ======================================================================================
-def _safe(label):
-    """A run label as a file-name part."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
-
-
-def _dynamics_labels(args):
-    """One distinct label per run, checked with the other flags of `dynamics`."""
-    if (args.runs is None) == (args.kernel_files is None):
-        raise UserError("give exactly one of --runs and --kernel_files")
-    if args.k <= 0:
-        raise UserError(f"--k must be positive (got {args.k})")
-    sources = args.runs if args.runs is not None else args.kernel_files
-    if args.labels is not None:
-        if len(args.labels) != len(sources):
-            raise UserError(f"--labels has {len(args.labels)} names for {len(sources)} runs")
-        labels = list(args.labels)
-    elif args.runs is not None:
-        labels = [os.path.basename(os.path.normpath(r)) for r in args.runs]
-    else:
-        labels = [f"run{i}" for i in range(len(sources))]
-    if len(set(labels)) != len(labels):
-        raise UserError(f"runs need distinct labels (got {labels}); pass --labels")
-    return labels
-
-
 def run_dynamics(args):
     """Kernel motion of every run: dynamics.json and the figures under --out_dir."""
     import kernel_analysis as ka
     import ntk_inputs
     import plots
-    labels = _dynamics_labels(args)
+    labels = ntk_inputs.run_labels(args)
     out_dir = args.out_dir or "ntk_analysis"
     figure_paths = [os.path.join(out_dir, name) for name in
-                    [f"kernel_distance_{_safe(label)}.png" for label in labels] + list(DYNAMICS_FIGURES)]
+                    [f"kernel_distance_{ntk_inputs.safe_label(label)}.png" for label in labels] + list(DYNAMICS_FIGURES)]
     json_path = os.path.join(out_dir, "dynamics.json")
     inputs = ntk_inputs.analysis_inputs(args, labels=labels)
 
@@ -188,7 +162,7 @@ def run_dynamics(args):
         check_out_dir()
         cache_dir = os.path.join(out_dir, "kernel_cache")
         runs, computed = ntk_inputs.checkpoint_kernels(args, ckpt_lists, subset,
-                                                       [os.path.join(cache_dir, _safe(label)) for label in labels])
+                                                       [os.path.join(cache_dir, ntk_inputs.safe_label(label)) for label in labels])
         print(f"{computed} kernels computed, {sum(map(len, ckpt_lists)) - computed} reused from {cache_dir}")
         sources = [os.path.abspath(r) for r in args.runs]
     results = {label: {"source": source, "checkpoints": paths,

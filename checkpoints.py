@@ -186,7 +186,11 @@ class Network:
         self.num_classes = int(resolve_num_classes(meta, path, self.dataset, num_classes))
         self.input_shape = tuple(meta.get("input_shape") or data.INPUT_SHAPES[self.dataset])
         self.epoch = meta.get("epoch")
-        init, self.apply = models.get_model(self.model, self.num_classes, self.width)
+        self.architecture = dict(meta.get("architecture") or {})   # fc, conv, myrtle: depth, W_std, ...
+        if (self.model in models.ARCHITECTURE_NETWORKS) != bool(self.architecture):
+            raise UserError(f"{path}: model {self.model} " + ("records no architecture (depth, W_std, b_std, "
+                            "parameterization) in its meta" if not self.architecture else "takes no architecture"))
+        init, self.apply = models.get_model(self.model, self.num_classes, self.width, **self.architecture)
         # Shapes only: running Haiku's initializers for a ResNet-18 costs seconds for nothing.
         params0, state0 = jax.eval_shape(lambda k, x: init(k, x, True), jax.random.PRNGKey(0),
                                          jnp.zeros((1,) + self.input_shape, jnp.float32))
@@ -202,7 +206,8 @@ class Network:
 
     def describe(self):
         return {"model_path": self.path, "model": self.model, "width": self.width, "dataset": self.dataset,
-                "num_classes": self.num_classes, "epoch": self.epoch}
+                "num_classes": self.num_classes, "epoch": self.epoch,
+                **({"architecture": self.architecture} if self.architecture else {})}
 
 
 def resolve_num_classes(meta, path, dataset, num_classes=None):

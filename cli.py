@@ -11,7 +11,7 @@ import data
 from utils import UserError
 
 # The networks of models.NETWORKS (named here too, so --help needs no JAX; test_models checks they agree).
-MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear")
+MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear", "fc", "conv", "myrtle")
 DATASETS = data.DATASETS
 # GiB of per-image gradient rows the NTK engine may hold at once (ntk.empirical_ntk).
 DEFAULT_MEMORY_GB = 4.0
@@ -86,7 +86,8 @@ def add_network_args(p, *, dataset_default=None, from_checkpoint=True):
     p.add_argument("--model", default=None, choices=MODELS,
                    help=f"network (default: {source}resnet18)")
     p.add_argument("--width", type=int, default=None,
-                   help=f"ResNet channel width w: groups have w, 2w, 4w, 8w channels (default: {source}64)")
+                   help=f"ResNet channel width w: groups have w, 2w, 4w, 8w channels; the hidden width of fc, "
+                        f"conv and myrtle (default: {source}64)")
     dataset_help = "dataset; digits is scikit-learn's bundled 8x8 set and needs no download"
     if dataset_default is None:
         dataset_help += f" (default: {source}cifar10)"
@@ -194,6 +195,35 @@ def check_attack_args(args, steps_flag):
 ARCHITECTURES = ("fc", "conv", "myrtle")
 
 
+# infinite.MYRTLE_FACTORS' depths (tests/test_infinite.py checks).
+MYRTLE_DEPTHS = (5, 7, 10)
+
+
+def add_architecture_shape(g):
+    """--depth, --W_std, --b_std, --parameterization of Tsilivis & Kempe's networks."""
+    g.add_argument("--depth", type=int, default=None, help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
+    g.add_argument("--W_std", type=positive_float, default=2 ** 0.5, help="weight standard deviation")
+    g.add_argument("--b_std", type=float, default=0.1, help="bias standard deviation (0: no bias)")
+    g.add_argument("--parameterization", choices=("ntk", "standard"), default="ntk",
+                   help="stax's parameterizations; in 'standard' the NTK depends on --width")
+
+
+def architecture_record(name, args, flag="--model"):
+    """{depth, W_std, b_std, parameterization} of network `name` ('fc', 'conv' or 'myrtle', given
+    as `flag`) from the flags, checked; the record checkpoints keep as meta['architecture']."""
+    from utils import UserError
+    if args.depth is None:
+        raise UserError(f"{flag} {name} needs --depth" + (" (5, 7 or 10)" if name == "myrtle" else
+                                                          " (the number of hidden layers)"))
+    if args.depth < 1 or name == "myrtle" and args.depth not in MYRTLE_DEPTHS:
+        raise UserError(f"--depth {args.depth}: " + ("a Myrtle network has depth 5, 7 or 10" if name == "myrtle"
+                                                     else "give at least 1 hidden layer"))
+    if not 0 <= args.b_std < float("inf"):
+        raise UserError(f"--b_std must be finite and >= 0, got {args.b_std}")
+    return {"depth": args.depth, "W_std": float(args.W_std), "b_std": float(args.b_std),
+            "parameterization": args.parameterization}
+
+
 def add_architecture_args(p):
     """An architecture's analytic infinite-width kernel in place of a checkpoint's NTK: --arch,
     --depth, --W_std, --b_std, --parameterization, --float64 (infinite.network_from_args checks
@@ -204,11 +234,7 @@ def add_architecture_args(p):
                         "[Dense, Relu], Dense; conv = depth x [Conv 3x3 SAME, Relu], Flatten, Dense; myrtle = "
                         "Myrtle-5/7/10 (average pools, global average pool); --width is then the named hidden width "
                         "(default 1000; it matters only with --parameterization standard)")
-    g.add_argument("--depth", type=int, default=None, help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
-    g.add_argument("--W_std", type=positive_float, default=2 ** 0.5, help="weight standard deviation")
-    g.add_argument("--b_std", type=float, default=0.1, help="bias standard deviation (0: no bias)")
-    g.add_argument("--parameterization", choices=("ntk", "standard"), default="ntk",
-                   help="stax's parameterizations; in 'standard' the NTK depends on --width (default there: 1000)")
+    add_architecture_shape(g)
     g.add_argument("--float64", action="store_true",
                    help="compute the kernel in float64 (slower; for ridgeless regression on ill-conditioned kernels)")
     return g

@@ -61,9 +61,12 @@ class Run:
                                                  dataset=args.dataset, flag="--base_model_path")
         self.model = self.base.model if self.base else args.model or checkpoints.DEFAULTS["model"]
         self.width = self.base.width if self.base else args.width or checkpoints.DEFAULTS["width"]
+        self.architecture = (self.base.architecture if self.base else
+                             cli.architecture_record(self.model, args)
+                             if self.model in models.ARCHITECTURE_NETWORKS else {})
         self._load_data()
         prepare_save_path(args)
-        self.init, self.apply = models.get_model(self.model, self.ds.num_classes, self.width)
+        self.init, self.apply = models.get_model(self.model, self.ds.num_classes, self.width, **self.architecture)
         self.key = jax.random.PRNGKey(args.random_seed)
         if self.base:
             self.init_params, self.init_state = self.base.ckpt["params"], self.base.ckpt["net_state"]
@@ -92,7 +95,8 @@ class Run:
     def meta(self, **extra):
         return {"model": self.model, "width": self.width, "num_classes": self.ds.num_classes,
                 "input_shape": list(self.ds.input_shape), "dataset": self.ds.name,
-                "loaders": self.args.loaders, "random_seed": self.args.random_seed, **extra}
+                "loaders": self.args.loaders, "random_seed": self.args.random_seed,
+                **({"architecture": self.architecture} if self.architecture else {}), **extra}
 
     def save(self, name, params, lin_params, net_state, **meta):
         checkpoints.save_checkpoint(os.path.join(self.args.save_path, name), params, lin_params, net_state,

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import cli
 import parallel
 from cli import DEFAULT_MEMORY_GB
 
@@ -183,25 +184,17 @@ def network_from_args(args, input_shape):
                        ("use_linear_params", "--use_linear_params selects a checkpoint's parameters")):
         if getattr(args, flag, None):
             raise UserError(f"{what}; an infinite-width kernel has none")
-    if args.depth is None:
-        raise UserError(f"--arch {args.arch} needs --depth"
-                        + (" (5, 7 or 10)" if args.arch == "myrtle" else " (the number of hidden layers)"))
-    if args.depth < 1 or args.arch == "myrtle" and args.depth not in MYRTLE_FACTORS:
-        raise UserError(f"--depth {args.depth}: " + ("a Myrtle network has depth 5, 7 or 10" if args.arch == "myrtle"
-                                                     else "give at least 1 hidden layer"))
-    if not 0 <= args.b_std < float("inf"):
-        raise UserError(f"--b_std must be finite and >= 0, got {args.b_std}")
+    record = {"arch": args.arch, **cli.architecture_record(args.arch, args, "--arch")}
     width = 1000 if args.width is None else args.width
     if width < 1:
         raise UserError(f"--width must be >= 1, got {width}")
+    record["width"] = width
     net = architecture(args.arch, args.depth, width=width, W_std=args.W_std, b_std=args.b_std or None,
                        parameterization=args.parameterization)
     try:
         output_shape(net.kernel_fn.ops, input_shape)
     except ValueError as e:
         raise UserError(f"--arch {args.arch} --depth {args.depth} on images of {tuple(input_shape)}: {e}") from None
-    record = {"arch": args.arch, "depth": args.depth, "width": width, "W_std": float(args.W_std),
-              "b_std": float(args.b_std), "parameterization": args.parameterization}
     return net, record
 
 
@@ -256,7 +249,8 @@ def output_shape(ops, input_shape):
 # The finite network
 # --------------------------------------------------------------------------------------
 def _init(ops, key, input_shape):
-    """stax-style init: (output_shape with the batch axis, params: one tuple per layer)."""
+    """stax-style init: (output_shape with the batch axis, params: one tuple per layer). W, b ~
+    N(0, 1) in the 'ntk' parameterization, N(0, W_std^2 / fan_in) and N(0, b_std^2) in 'standard'."""
     shape = tuple(input_shape)
     params = []
     for op in ops:
@@ -276,31 +270,32 @@ def _init(ops, key, input_shape):
     return shape, tuple(params)
 
 
-def _apply(ops, params, x):
-    """The finite network's outputs (stax semantics for both parameterizations)."""
-    for op, p in zip(ops, params):
-        if op.kind in ("dense", "conv"):
-            w, b = p
-            if op.kind == "dense":
-                z = jnp.tensordot(x, w, (-1, 0))
-            else:
-                z = jax.lax.conv_general_dilated(x, w, op.strides, op.padding,
-                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            if op.parameterization == "ntk":
-                z = z * (op.W_std / math.sqrt(x.shape[-1] * int(np.prod(op.window))))
-                x = z if b is None else z + op.b_std * b
-            else:
-                x = z if b is None else z + b
-        elif op.kind == "relu":
-            x = jnp.maximum(x, 0)
-        elif op.kind == "avgpool":
-            window = (1,) + op.window + (1,)
-            strides = (1,) + op.strides + (1,)
-            x = jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, op.padding) / np.prod(op.window)
-        elif op.kind == "gap":
-            x = x.mean((1, 2))
+def layer_apply(op, p, x):
+    """One layer of the finite network (stax semantics for both parameterizations)."""
+    if op.kind in ("dense", "conv"):
+        w, b = p
+        if op.kind == "dense":
+            z = jnp.tensordot(x, w, (-1, 0))
         else:
-            x = x.reshape(x.shape[0], -1)
+            z = jax.lax.conv_general_dilated(x, w, op.strides, op.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if op.parameterization == "ntk":
+            z = z * (op.W_std / math.sqrt(x.shape[-1] * int(np.prod(op.window))))
+            return z if b is None else z + op.b_std * b
+        return z if b is None else z + b
+    if op.kind == "relu":
+        return jnp.maximum(x, 0)
+    if op.kind == "avgpool":
+        window, strides = (1,) + op.window + (1,), (1,) + op.strides + (1,)
+        return jax.lax.reduce_window(x, 0.0, jax.lax.add, window, strides, op.padding) / np.prod(op.window)
+    if op.kind == "gap":
+        return x.mean((1, 2))
+    return x.reshape(x.shape[0], -1)
+
+
+def _apply(ops, params, x):
+    """The finite network's outputs."""
+    for op, p in zip(ops, params):
+        x = layer_apply(op, p, x)
     return x
 
 

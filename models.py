@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import infinite
+
 
 DYNAMICS = ("standard", "linear", "centered", "standard_centered")
 
@@ -101,13 +103,54 @@ def _mlp(hidden, num_classes):
     return net
 
 
+class _StaxLayer(hk.Module):
+    """One Dense or Conv layer of infinite.py's finite network (infinite.layer_apply), its w and b
+    Haiku parameters drawn as infinite.py's init draws them (so the empirical NTK of a wide one
+    approaches the analytic kernel of infinite.architecture)."""
+
+    def __init__(self, op, name):
+        super().__init__(name=name)
+        self.op = op
+
+    def __call__(self, x):
+        op = self.op
+        shape = tuple(op.window) + (x.shape[-1], op.out)
+        fan_in = x.shape[-1] * int(np.prod(op.window))
+        standard = op.parameterization == "standard"
+        w = hk.get_parameter("w", shape, init=hk.initializers.RandomNormal(
+            op.W_std / np.sqrt(fan_in) if standard else 1.0))
+        b = None if op.b_std is None else hk.get_parameter(
+            "b", (op.out,), init=hk.initializers.RandomNormal(op.b_std if standard else 1.0))
+        return infinite.layer_apply(op, (w, b), x)
+
+
+def _tk_network(arch):
+    """Tsilivis & Kempe's FC, Conv and Myrtle networks (infinite.architecture) as Haiku
+    functions: -> (num_classes, width, depth, W_std, b_std, parameterization) -> net."""
+    def make(num_classes, width, depth=None, W_std=2 ** 0.5, b_std=0.1, parameterization="ntk"):
+        if depth is None:
+            raise ValueError(f"model {arch!r} needs a depth")
+        ops = infinite.architecture(arch, depth, width=width, W_std=W_std, b_std=b_std or None,
+                                    parameterization=parameterization, num_classes=num_classes).kernel_fn.ops
+
+        def net(x, is_training):
+            for i, op in enumerate(ops):
+                x = (_StaxLayer(op, name=f"{op.kind}_{i}")(x) if op.kind in ("dense", "conv")
+                     else infinite.layer_apply(op, (), x))
+            return x
+        return net
+    return make
+
+
 @functools.lru_cache(maxsize=None)
-def get_model(name, num_classes, width=64):
+def get_model(name, num_classes, width=64, **architecture):
     """Return Haiku `(init, apply)` for `name`.
 
     `width` scales the ResNet's channels and the MLPs' hidden layers are fixed
     (256 for `mlp_skinny`, 2048 for `mlp_wide`); `linear` is a single affine layer
-    (a linear classifier, used to test attacks against a closed form).
+    (a linear classifier, used to test attacks against a closed form). `fc`, `conv` and
+    `myrtle` are Tsilivis & Kempe's networks of hidden width `width`, with `architecture`:
+    depth, W_std, b_std, parameterization (see infinite.architecture).
 
     Memoized: the same arguments give the same (pure) functions, so every jitted function
     that takes `apply` (or a closure keyed on it) traces once per network, not once per
@@ -115,7 +158,9 @@ def get_model(name, num_classes, width=64):
     """
     if name not in NETWORKS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NETWORKS)}")
-    transformed = hk.transform_with_state(NETWORKS[name](num_classes, width))
+    if architecture and name not in ARCHITECTURE_NETWORKS:
+        raise ValueError(f"model {name!r} takes no {', '.join(architecture)}")
+    transformed = hk.transform_with_state(NETWORKS[name](num_classes, width, **architecture))
     return transformed.init, transformed.apply
 
 
@@ -126,13 +171,19 @@ def _resnet18(num_classes, width):
 
 
 # The networks by name (cli.MODELS, the command line's choices, lists the same names; a test
-# checks it): name -> (num_classes, width) -> the Haiku function net(x, is_training).
+# checks it): name -> (num_classes, width[, depth, W_std, b_std, parameterization]) -> the Haiku
+# function net(x, is_training).
 NETWORKS = {
     "resnet18": _resnet18,
     "mlp_skinny": lambda num_classes, width: _mlp((256, 256), num_classes),
     "mlp_wide": lambda num_classes, width: _mlp((2048, 2048), num_classes),
     "linear": lambda num_classes, width: _mlp((), num_classes),
+    "fc": _tk_network("fc"),
+    "conv": _tk_network("conv"),
+    "myrtle": _tk_network("myrtle"),
 }
+# The networks that take depth, W_std, b_std and parameterization.
+ARCHITECTURE_NETWORKS = ("fc", "conv", "myrtle")
 
 
 def tree_sub(a, b):

@@ -8,7 +8,8 @@ dataset, the checkpoints of a run directory and their kernels, and kernel files.
   training images, cached per checkpoint (`checkpoint_kernels`), or a run's kernels read from
   calculate_kernel.py files (`kernels_from_files`).
 * `load_kernel_file`: a calculate_kernel.py file, checked to record the images, class and
-  network it was computed on (visualize_ntk_features.py).
+  network it was computed on (visualize_ntk_features.py); `KernelNetwork`: an infinite-width
+  kernel file in the place of a checkpoint's network there.
 
 A cached kernel is reused only when it was made from the very same checkpoint file (absolute
 path, size and modification time) on the same images and class; anything else is recomputed.
@@ -28,6 +29,7 @@ from tqdm import tqdm
 import checkpoints
 import cli
 import data
+import infinite
 import ntk
 import utils
 from utils import UserError
@@ -227,6 +229,51 @@ def load_kernel_file(path):
     for key in ("class_index", "width", "num_classes", "dataset_size"):
         obj[key] = None if obj[key] is None else int(obj[key])
     return obj
+
+
+class KernelNetwork:
+    """An infinite-width kernel file (calculate_kernel.py --arch) in the place of a checkpoint's
+    network for visualize_ntk_features.py: dataset, model, width, num_classes and `tools`, which
+    align images through the kernel."""
+
+    def __init__(self, kfile, num_classes):
+        a = kfile["architecture"]
+        self.record, self.kernel_type, self.k_train = a, kfile.get("kernel_type", "ntk"), kfile["kernel"]
+        self.dataset, self.model, self.width, self.num_classes = kfile["dataset"], kfile["model"], a["width"], num_classes
+        self.kernel_fn = infinite.architecture(a["arch"], a["depth"], width=a["width"], W_std=a["W_std"],
+                                               b_std=a["b_std"] or None, parameterization=a["parameterization"]).kernel_fn
+
+    def tools(self, classes, loop, x_kernel):
+        """(TangentTools through the kernel, their `params`: the kernel's images X)."""
+        import jax.numpy as jnp
+        import tangent_features
+        return (tangent_features.make_kernel_tools(self.kernel_fn, self.k_train, classes, loop, get=self.kernel_type),
+                jnp.asarray(x_kernel))
+
+
+def safe_label(label):
+    """A run label as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", label)
+
+
+def run_labels(args):
+    """analyze_ntk.py dynamics: one distinct label per run, checked with the other flags."""
+    if (args.runs is None) == (args.kernel_files is None):
+        raise UserError("give exactly one of --runs and --kernel_files")
+    if args.k <= 0:
+        raise UserError(f"--k must be positive (got {args.k})")
+    sources = args.runs if args.runs is not None else args.kernel_files
+    if args.labels is not None:
+        if len(args.labels) != len(sources):
+            raise UserError(f"--labels has {len(args.labels)} names for {len(sources)} runs")
+        labels = list(args.labels)
+    elif args.runs is not None:
+        labels = [os.path.basename(os.path.normpath(r)) for r in args.runs]
+    else:
+        labels = [f"run{i}" for i in range(len(sources))]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"runs need distinct labels (got {labels}); pass --labels")
+    return labels
 
 
 # --------------------------------------------------------------------------------------

@@ -165,7 +165,7 @@ def _mass_figure(results, path):
 def _network_name(summary):
     """The analysed kernel in words: its checkpoint (run directory and file) and network, or the
     architecture of an infinite-width kernel."""
-    if summary.get("architecture"):
+    if summary.get("model_path") is None:   # an infinite-width kernel
         a = summary["architecture"]
         return f"infinite-width {a['arch']}-{a['depth']} ({a['parameterization']}, {summary['dataset']})"
     path = os.path.normpath(summary["model_path"])

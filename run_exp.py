@@ -54,6 +54,8 @@ def build_parser():
     g.add_argument("--test_size", type=int, default=None,
                    help="evaluate on a seeded class-balanced subset of this many test images")
     g.add_argument("--batch_size", type=int, default=128, help="training batch size")
+    g = p.add_argument_group("Tsilivis & Kempe's networks (--model fc, conv or myrtle; --width is their hidden width)")
+    cli.add_architecture_shape(g)
     g = p.add_argument_group("evaluation")
     g.add_argument("--skip_first_test", action="store_true", help="skip the evaluation after phase 1")
     g.add_argument("--skip_second_test", action="store_true", help="skip the evaluation after phase 2")
@@ -102,6 +104,12 @@ def validate(args):
     cli.check_attack_args(args, "pgd_eval_steps")
     if args.width is not None and args.width <= 0:
         raise UserError(f"--width must be positive (got {args.width})")
+    if args.model in cli.ARCHITECTURES:
+        cli.architecture_record(args.model, args)
+    elif not args.base_model_path:
+        for flag in ("depth", "W_std", "b_std", "parameterization"):
+            if getattr(args, flag) != build_parser().get_default(flag):
+                raise UserError(f"--{flag} is for --model fc, conv or myrtle (Tsilivis & Kempe's networks)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --save_path and --overwrite deletes it: give one of them")
     if args.base_model_path is not None:
@@ -121,6 +129,10 @@ def ignored_flags(args):
         for flag in ("centering", "constant_save_linear", "do_standard_second", "loose_bn_second"):
             if getattr(args, flag):
                 yield f"--{flag} is ignored with --linear_epochs 0: there is no phase 2"
+    if args.base_model_path:
+        for flag in ("depth", "W_std", "b_std", "parameterization"):
+            if getattr(args, flag) != default(flag):
+                yield f"--{flag} is ignored with --base_model_path: the checkpoint records its network"
     if args.constant_save and (args.standard_epochs == 0 or args.base_model_path):
         yield "--constant_save is ignored without phase-1 epochs: there is nothing to save"
 

@@ -192,29 +192,9 @@ def open_inputs(args):
     if not np.array_equal(dataset.y_train[idx], kfile["labels"]):
         raise UserError(f"the kernel's labels differ from those of its indices in {agreed['dataset']}'s training "
                         f"split under {args.data_dir}: not the images the kernel was computed on")
-    net = (KernelNetwork(kfile, num_classes) if args.model_path is None
+    net = (ntk_inputs.KernelNetwork(kfile, num_classes) if args.model_path is None
            else checkpoints.Network(ckpt, args.model_path, **agreed))
     return kfile, net, class_index, dataset.x_train[idx]
-
-
-class KernelNetwork:
-    """An infinite-width kernel file in the place of a checkpoint's network: the fields draw_images
-    reads (dataset, model, width, num_classes) and `tools`, which align images through the kernel."""
-
-    def __init__(self, kfile, num_classes):
-        import infinite
-        a = kfile["architecture"]
-        self.record, self.kernel_type, self.k_train = a, kfile.get("kernel_type", "ntk"), kfile["kernel"]
-        self.dataset, self.model, self.width, self.num_classes = kfile["dataset"], kfile["model"], a["width"], num_classes
-        self.kernel_fn = infinite.architecture(a["arch"], a["depth"], width=a["width"], W_std=a["W_std"],
-                                               b_std=a["b_std"] or None, parameterization=a["parameterization"]).kernel_fn
-
-    def tools(self, classes, loop, x_kernel):
-        """(TangentTools through the kernel, their `params`: the kernel's images X)."""
-        import jax.numpy as jnp
-        import tangent_features
-        return (tangent_features.make_kernel_tools(self.kernel_fn, self.k_train, classes, loop, get=self.kernel_type),
-                jnp.asarray(x_kernel))
 
 
 # --------------------------------------------------------------------------------------
@@ -234,7 +214,7 @@ def draw_images(args, kfile, net, class_index, x_kernel):
     if ridge_used is not None:
         print(f"K is ill-conditioned (eigenvalues {evals[0]:.3g} .. {evals[-1]:.3g}): solving for w "
               f"with ridge {ridge_used:.3g} (= {args.ridge:g} * mean diag K)")
-    if isinstance(net, KernelNetwork):
+    if args.model_path is None:   # an infinite-width kernel file
         tools, params = net.tools(classes, args.loop, x_kernel)
     else:
         f, params = net.kernel_fn(use_lin)

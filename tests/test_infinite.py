@@ -196,7 +196,9 @@ def test_images_too_small_for_the_pools_are_named():
 # --------------------------------------------------------------------------------------
 def test_the_command_line_offers_every_architecture():
     import cli
-    assert cli.ARCHITECTURES == infinite.ARCHITECTURES
+    import models
+    assert cli.ARCHITECTURES == infinite.ARCHITECTURES == models.ARCHITECTURE_NETWORKS
+    assert cli.MYRTLE_DEPTHS == tuple(infinite.MYRTLE_FACTORS)
 
 
 @pytest.mark.slow   # end to end
