@@ -31,6 +31,7 @@ import cli
 import data
 import infinite
 import ntk
+import tangent_features
 import utils
 from utils import UserError
 
@@ -245,8 +246,6 @@ class KernelNetwork:
 
     def tools(self, classes, loop, x_kernel):
         """(TangentTools through the kernel, their `params`: the kernel's images X)."""
-        import jax.numpy as jnp
-        import tangent_features
         return (tangent_features.make_kernel_tools(self.kernel_fn, self.k_train, classes, loop, get=self.kernel_type),
                 jnp.asarray(x_kernel))
 
