@@ -199,12 +199,22 @@ ARCHITECTURES = ("fc", "conv", "myrtle")
 MYRTLE_DEPTHS = (5, 7, 10)
 
 
+# The defaults of add_architecture_shape's flags (infinite.architecture's, and T&K's notebook's).
+ARCHITECTURE_DEFAULTS = {"depth": None, "W_std": 2 ** 0.5, "b_std": 0.1, "parameterization": "ntk"}
+
+
+def architecture_flags_given(args):
+    """The flags of add_architecture_shape set to other than their defaults."""
+    return [flag for flag, default in ARCHITECTURE_DEFAULTS.items() if getattr(args, flag) != default]
+
+
 def add_architecture_shape(g):
     """--depth, --W_std, --b_std, --parameterization of Tsilivis & Kempe's networks."""
-    g.add_argument("--depth", type=int, default=None, help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
-    g.add_argument("--W_std", type=positive_float, default=2 ** 0.5, help="weight standard deviation")
-    g.add_argument("--b_std", type=float, default=0.1, help="bias standard deviation (0: no bias)")
-    g.add_argument("--parameterization", choices=("ntk", "standard"), default="ntk",
+    d = ARCHITECTURE_DEFAULTS
+    g.add_argument("--depth", type=int, default=d["depth"], help="hidden layers (fc, conv) or 5, 7, 10 (myrtle)")
+    g.add_argument("--W_std", type=positive_float, default=d["W_std"], help="weight standard deviation")
+    g.add_argument("--b_std", type=float, default=d["b_std"], help="bias standard deviation (0: no bias)")
+    g.add_argument("--parameterization", choices=("ntk", "standard"), default=d["parameterization"],
                    help="stax's parameterizations; in 'standard' the NTK depends on --width")
 
 

@@ -38,7 +38,7 @@ class PredictorSetup:
     """Everything a kernel-predictor analysis needs: kernel, images, fitted predictor.
 
     The kernel is a checkpoint's empirical NTK (--model_path: `net` is its checkpoints.Network)
-    or an architecture's analytic infinite-width NTK (--arch: `net` is None, `infinite` the
+    or an architecture's analytic infinite-width NTK (--arch: `net` is None, `infinite_net` the
     infinite.Network and `architecture` its record). Attributes: dataset, num_classes, x_train
     [n,H,W,C], y_train [n] (task labels 0..C'-1), train_indices, x_test [m,H,W,C], y_test [m]
     (task labels), test_indices, classes (original label of each task class), k_train_train
@@ -54,19 +54,19 @@ class PredictorSetup:
                 raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
         if not (0 <= args.eps < float("inf") and 0 <= args.ridge < float("inf")):
             raise UserError(f"--eps and --ridge must be finite and >= 0 (got {args.eps:g} and {args.ridge:g})")
-        self.net = self.infinite = self.architecture = None
+        self.net = self.infinite_net = self.architecture = None
         if args.arch is not None:
             import infinite
             self.dataset = args.dataset or "cifar10"
             self.num_classes = data.num_classes_of(self.dataset)
-            self.infinite, self.architecture = infinite.network_from_args(args, data.INPUT_SHAPES[self.dataset])
+            self.infinite_net, self.architecture = infinite.network_from_args(args, data.INPUT_SHAPES[self.dataset])
         elif args.model_path is None:
             raise UserError("give --model_path (a checkpoint's empirical NTK) or --arch (an infinite-width NTK)")
         else:
-            for flag in ("depth", "float64"):
-                if getattr(args, flag):
-                    raise UserError(f"--{flag} is for infinite-width kernels (--arch); a checkpoint's kernel is "
-                                    f"its empirical NTK")
+            given = cli.architecture_flags_given(args) + (["float64"] if args.float64 else [])
+            if given:
+                raise UserError(f"--{given[0]} is for infinite-width kernels (--arch); a checkpoint's kernel is its "
+                                f"empirical NTK")
             self.net = open_network(args.model_path, args)
             self.dataset, self.num_classes = self.net.dataset, self.net.num_classes
         cli.check_class_index(args.class_index, self.num_classes, self.dataset)
@@ -128,7 +128,7 @@ class PredictorSetup:
         """K(X, X) of the architecture's infinite-width NTK (every logit has the same kernel);
         returns the differentiable kernel(X, x) = K(x, X) (infinite.cross_kernel)."""
         import infinite
-        kernel_fn = self.infinite.kernel_fn
+        kernel_fn = self.infinite_net.kernel_fn
         kw = dict(get="ntk", memory_gb=args.memory_gb, dtype="float64" if args.float64 else "float32")
         self.kernel_vars = jnp.asarray(self.x_train)
         self._kernel_at = lambda x: np.asarray(kernel_fn(x, self.x_train, **kw), np.float64)
@@ -175,8 +175,9 @@ def feature_indices(n, n_features, n_tail):
 
 
 def _feature_attacks(setup, args, indices, key):
-    """Per eigen-index i: --method (FGSM or PGD) on f_i alone, then the accuracy and label correlation of f_i and the
-    full predictor's accuracy on those images. Returns three lists, in the order of `indices`."""
+    """Per eigen-index i: --method (FGSM or PGD) on f_i alone, then the accuracy and label
+    correlation of f_i and the full predictor's accuracy on those images. Returns three lists,
+    in the order of `indices`."""
     predictor, n_classes = setup.predictor, len(setup.classes)
     acc_feat_adv, corr_feat_adv, acc_full_on_feat_adv = [], [], []
     with tqdm(total=len(indices), desc="feature attacks", unit="feature", disable=args.no_progress) as bar:

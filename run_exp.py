@@ -106,10 +106,9 @@ def validate(args):
         raise UserError(f"--width must be positive (got {args.width})")
     if args.model in cli.ARCHITECTURES:
         cli.architecture_record(args.model, args)
-    elif not args.base_model_path:
-        for flag in ("depth", "W_std", "b_std", "parameterization"):
-            if getattr(args, flag) != build_parser().get_default(flag):
-                raise UserError(f"--{flag} is for --model fc, conv or myrtle (Tsilivis & Kempe's networks)")
+    elif not args.base_model_path and cli.architecture_flags_given(args):
+        raise UserError(f"--{cli.architecture_flags_given(args)[0]} is for --model fc, conv or myrtle (Tsilivis & "
+                        f"Kempe's networks)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --save_path and --overwrite deletes it: give one of them")
     if args.base_model_path is not None:
@@ -129,10 +128,8 @@ def ignored_flags(args):
         for flag in ("centering", "constant_save_linear", "do_standard_second", "loose_bn_second"):
             if getattr(args, flag):
                 yield f"--{flag} is ignored with --linear_epochs 0: there is no phase 2"
-    if args.base_model_path:
-        for flag in ("depth", "W_std", "b_std", "parameterization"):
-            if getattr(args, flag) != default(flag):
-                yield f"--{flag} is ignored with --base_model_path: the checkpoint records its network"
+    for flag in cli.architecture_flags_given(args) if args.base_model_path else []:
+        yield f"--{flag} is ignored with --base_model_path: the checkpoint records its network"
     if args.constant_save and (args.standard_epochs == 0 or args.base_model_path):
         yield "--constant_save is ignored without phase-1 epochs: there is nothing to save"
 
