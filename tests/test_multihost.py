@@ -232,7 +232,11 @@ def test_killed_process_stops_the_others(tmp_path, procs):
         log = tail(survivor, 20000)
         print(f"killed process {victim}: process {1 - victim} exited {survivor.returncode} after {waited:.1f} s")
         assert survivor.returncode != 0
-        assert "another task died" in log or "Connection reset" in log or "unhealthy" in log, log[-3000:]
+        # How the survivor learns of it depends on where the kill caught the collective: the
+        # coordinator's heartbeat, a reset connection, or gloo aborting on the dead peer's
+        # half-sent message (seen once in CI: SIGABRT 0.2 s after the kill).
+        died = ("another task died", "Connection reset", "unhealthy", "gloo::EnforceNotMet")
+        assert any(s in log for s in died), log[-3000:]
 
 
 def test_distributed_settings_from_the_environment():
