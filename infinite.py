@@ -198,12 +198,6 @@ def network_from_args(args, input_shape):
     return net, record
 
 
-def describe(record):
-    """An architecture record in words: 'fc depth 1 (ntk, W_std 1.41, b_std 0.1)'."""
-    return (f"{record['arch']} depth {record['depth']} ({record['parameterization']}, W_std {record['W_std']:.3g}, "
-            f"b_std {record['b_std']:g})")
-
-
 # --------------------------------------------------------------------------------------
 # Shapes: one example's shape through the layers (no batch axis)
 # --------------------------------------------------------------------------------------

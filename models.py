@@ -178,12 +178,10 @@ NETWORKS = {
     "mlp_skinny": lambda num_classes, width: _mlp((256, 256), num_classes),
     "mlp_wide": lambda num_classes, width: _mlp((2048, 2048), num_classes),
     "linear": lambda num_classes, width: _mlp((), num_classes),
-    "fc": _tk_network("fc"),
-    "conv": _tk_network("conv"),
-    "myrtle": _tk_network("myrtle"),
+    **{arch: _tk_network(arch) for arch in infinite.ARCHITECTURES},
 }
 # The networks that take depth, W_std, b_std and parameterization.
-ARCHITECTURE_NETWORKS = ("fc", "conv", "myrtle")
+ARCHITECTURE_NETWORKS = infinite.ARCHITECTURES
 
 
 def tree_sub(a, b):

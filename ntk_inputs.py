@@ -239,7 +239,7 @@ class KernelNetwork:
 
     def __init__(self, kfile, num_classes):
         a = kfile["architecture"]
-        self.record, self.kernel_type, self.k_train = a, kfile.get("kernel_type", "ntk"), kfile["kernel"]
+        self.kernel_type, self.k_train = kfile.get("kernel_type", "ntk"), kfile["kernel"]
         self.dataset, self.model, self.width, self.num_classes = kfile["dataset"], kfile["model"], a["width"], num_classes
         self.kernel_fn = infinite.architecture(a["arch"], a["depth"], width=a["width"], W_std=a["W_std"],
                                                b_std=a["b_std"] or None, parameterization=a["parameterization"]).kernel_fn

@@ -104,11 +104,11 @@ def validate(args):
     cli.check_attack_args(args, "pgd_eval_steps")
     if args.width is not None and args.width <= 0:
         raise UserError(f"--width must be positive (got {args.width})")
+    given = cli.architecture_flags_given(args)
     if args.model in cli.ARCHITECTURES:
         cli.architecture_record(args.model, args)
-    elif not args.base_model_path and cli.architecture_flags_given(args):
-        raise UserError(f"--{cli.architecture_flags_given(args)[0]} is for --model fc, conv or myrtle (Tsilivis & "
-                        f"Kempe's networks)")
+    elif given and not args.base_model_path:
+        raise UserError(f"--{given[0]} is for --model fc, conv or myrtle (Tsilivis & Kempe's networks)")
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --save_path and --overwrite deletes it: give one of them")
     if args.base_model_path is not None:
