@@ -66,11 +66,15 @@ def _add_predictor(p):
                    help="ridge r = RIDGE * mean(diag K(X,X)) added to K(X,X); 0 is ridgeless regression (Tsilivis & "
                         "Kempe's notebook)")
     p.add_argument("--eps", type=float, default=4.0, help="L-inf radius in 1/255 units")
-    p.add_argument("--steps", type=int, default=10, help="PGD steps (step size 2 eps / steps)")
+    p.add_argument("--steps", type=int, default=10, help="PGD steps")
+    p.add_argument("--step_size", type=float, default=None,
+                   help="PGD step in 1/255 units (default 2 eps / steps; Tsilivis & Kempe's notebook: 0.01, i.e. 2.55)")
+    p.add_argument("--no_random_start", action="store_true",
+                   help="PGD starts from the clean image (the notebook's) instead of a random point of the eps-ball")
     p.add_argument("--batch_size", type=int, default=50, help="test images per attack batch")
     p.add_argument("--method", default="pgd", choices=("fgsm", "pgd"),
                    help="attack: fgsm = one step of eps sign(input gradient) from the clean image, clipped to [0, 1]; "
-                        "pgd = --steps steps of 2 eps/steps from a random start")
+                        "pgd = --steps steps of --step_size from a random start")
     cli.add_architecture_args(p)
 
 

@@ -337,10 +337,10 @@ _pgd_fori = _fori(_pgd_step, _PGD_STATIC)
 _random_start_jit = jax.jit(random_start, static_argnames=("norm",))
 
 
-def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", with_half=False):
+def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", with_half=False, random_start=True):
     """Projected gradient descent on the cross-entropy (Madry et al., ICLR 2018).
 
-    One seeded random start, then `steps` steps of
+    One seeded random start (the clean image without `random_start`), then `steps` steps of
       L-inf: x <- x + step_size * sign(grad);   L2: x <- x + step_size * grad / ||grad||,
     each followed by a clip to [0, 1] and a projection onto the eps-ball around x.
     Each step is jitted (see the module doc for how they are looped); `steps` is not part of
@@ -350,7 +350,7 @@ def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", wi
     """
     x = jnp.asarray(x, jnp.float32)
     args = (variables, x, y, eps, step_size)
-    x_adv = _random_start_jit(key, x, eps, norm)
+    x_adv = _random_start_jit(key, x, eps, norm) if random_start else x
     x_half = _iterate(_pgd_step_jit, _pgd_fori, 0, steps // 2, x_adv, *args, predict=predict, norm=norm)
     x_last = _iterate(_pgd_step_jit, _pgd_fori, steps // 2, steps, x_half, *args, predict=predict, norm=norm)
     return (x_last, x_half) if with_half else x_last

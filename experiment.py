@@ -246,7 +246,7 @@ def initial_state(exp):
                "standard_second": bool(exp.args.do_standard_second)}
     progress = {"phase": 1, "epoch": 0, "fractions_done": [], "results": results}
     params, net_state = exp.init_params, exp.init_state
-    state = train.TrainState(params, net_state, train.make_optimizer(0.1).init(params), jnp.zeros((), jnp.int32))
+    state = train.TrainState(params, net_state, train.make_optimizer(exp.args.lr).init(params), jnp.zeros((), jnp.int32))
     if resume is None:
         return state, None, progress
     progress = resume["progress"]
@@ -270,7 +270,7 @@ def run_phase1(exp, state, progress):
 
     for epoch in range(progress["epoch"], n_epochs):
         save(f"parameters_checkpoint_{epoch}.pkl", state, epoch)
-        state = state._replace(opt_state=train.set_lr(state.opt_state, train.phase1_lr(epoch)))
+        state = state._replace(opt_state=train.set_lr(state.opt_state, train.phase1_lr(epoch, a.lr)))
         adversarial = loader_is_adversarial(a.loaders[0], epoch, a.flip_epoch)
 
         def on_batch(i, n, st, epoch=epoch):

@@ -55,14 +55,15 @@ class Cell:
     """One run of the grid: `name` (its directory under out_dir), the script and its argv, the
     cells it needs, and where its results are."""
 
-    def __init__(self, name, kind, script, argv, deps, out_dir, **coords):
+    def __init__(self, name, kind, script, argv, deps, out_dir, result=None, **coords):
         self.name, self.kind, self.script, self.argv, self.deps = name, kind, script, argv, deps
         self.dir = os.path.join(out_dir, name)
+        self.result = result or ("dynamics.json" if script == "analyze_ntk" else "results.json")
         self.coords = coords   # phase1, phase2, epoch, seed (those that apply)
 
     @property
     def result_file(self):
-        return os.path.join(self.dir, "dynamics.json" if self.script == "analyze_ntk" else "results.json")
+        return os.path.join(self.dir, self.result)
 
     def command(self):
         return shlex.join(["python", f"{self.script}.py", *self.argv])
@@ -139,18 +140,23 @@ def grid_flags(grid, jobs=None):
     return argv
 
 
-def script_path():
-    """How to call kernel_epoch_grid.py from the current directory."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernel_epoch_grid.py")
+def script_path(script="kernel_epoch_grid.py"):
+    """How to call this repository's `script` from the current directory."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
     rel = os.path.relpath(here)
     return rel if not rel.startswith("..") else here
 
 
 def print_commands(grid, cells):
-    base = ["python", script_path(), *grid_flags(grid)]
-    stages = (("phase1", "phase-1 runs: every other cell needs them"),
-              ("phase2", "phase-2 runs (each needs its phase-1 run)"),
-              ("dynamics", "kernel motion (each needs both phase-1 runs of its seed)"))
+    print_cell_commands(["python", script_path(), *grid_flags(grid)], cells,
+                        (("phase1", "phase-1 runs: every other cell needs them"),
+                         ("phase2", "phase-2 runs (each needs its phase-1 run)"),
+                         ("dynamics", "kernel motion (each needs both phase-1 runs of its seed)")))
+
+
+def print_cell_commands(base, cells, stages):
+    """One command per cell (`base` + --cell NAME), grouped by the (prefix, words) `stages` in
+    dependency order, then the report's command."""
     for prefix, words in stages:
         print(f"# {words}")
         for c in cells:

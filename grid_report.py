@@ -93,7 +93,7 @@ def claims(grid, rows, finals, epochs):
     # Claim 1a: benign phase 2 on AT kernels keeps robustness that grows with e.
     a0, aT = stat("AC", "CC", e0), stat("AC", "CC", eT)
     curve = [stat("AC", "CC", e)[0] for e in epochs]
-    rho = _spearman(epochs, curve)
+    rho = spearman(epochs, curve)
     diff = aT[0] - a0[0]
     diff_se = math.sqrt(se(a0[1], a0[2]) ** 2 + se(aT[1], aT[2]) ** 2)
     grows = (len(epochs) > 1 and diff > 0 and (math.isnan(diff_se) or diff > 2 * diff_se)
@@ -141,7 +141,7 @@ def claims(grid, rows, finals, epochs):
     return lines
 
 
-def _spearman(x, y):
+def spearman(x, y):
     import numpy as np
     pairs = [(a, b) for a, b in zip(x, y) if not math.isnan(b)]
     if len(pairs) < 3:

@@ -20,8 +20,10 @@ import utils
 from grid_cells import LOG, MARKER, json_equal, read_json
 from utils import UserError
 
-# Relative cost of each kind of cell, for longest-first scheduling among ready cells.
-COST = {"phase1:AC": 100, "phase2:CA": 30, "dynamics": 20, "phase1:CC": 15, "phase2:CC": 10}
+# Relative cost of each kind of cell, for longest-first scheduling among ready cells (kernel_epoch_grid.py's
+# cells, then tk_experiment.py's: a kernel cell's cost also grows with its architecture, tk_experiment.COST).
+COST = {"phase1:AC": 100, "phase2:CA": 30, "dynamics": 20, "phase1:CC": 15, "phase2:CC": 10,
+        "tk:features": 20, "tk:attack_pgd": 12, "tk:attack_fgsm": 2, "tk:finite": 10, "tk:motion": 5}
 
 
 # ======================================================================================
@@ -123,6 +125,47 @@ def run_cell(spec, deps):
 
 
 # ======================================================================================
+# An experiment of cells (kernel_epoch_grid.py, tk_experiment.py)
+# ======================================================================================
+def run_experiment(out_dir, cells, args, write_report):
+    """Run an experiment's cells that are not complete (all, or only --cell), then write its
+    report with write_report(markers) -> path (unless --cell; with --report_only nothing runs).
+    Returns {'report': path or None, 'failed': [...], 'ran': [cell names]}; UserError if a cell
+    failed (after the report of the others)."""
+    from grid_cells import survey
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"--out_dir {out_dir} is a file")
+    names = [c.name for c in cells]
+    if args.cell is not None and args.cell not in names:
+        raise UserError(f"--cell {args.cell} is not a cell of this experiment (e.g. {names[0]}, {names[-1]})")
+    markers, todo = survey(cells)
+    if args.cell is not None:
+        cell = cells[names.index(args.cell)]
+        missing = [d for d in cell.deps if d not in markers]
+        if missing:
+            raise UserError(f"--cell {cell.name} needs {', '.join(missing)} to be complete: run "
+                            f"{'its' if len(missing) == 1 else 'their'} command first")
+        todo = [cell] if cell in todo else []
+        if not todo:
+            print(f"{cell.name} is already complete")
+    if args.report_only:
+        todo = []
+    if todo and args.cell is None:   # one experiment per --out_dir (its cells are locked one by one where they run)
+        utils.lock_dir(out_dir, "--out_dir")
+    failed = run_cells(out_dir, todo, len(cells), markers, args.jobs, args.no_progress) if todo else []
+    report = None
+    if args.cell is None and (markers or args.report_only):
+        report = write_report(markers)
+        print(f"wrote {report}")
+    if failed:
+        for f in failed:
+            print(f"{f['cell']}: {f['status']}: {f['message']}", file=sys.stderr)
+        raise UserError(f"{len(failed)} cell{'s' if len(failed) > 1 else ''} did not complete (first: {failed[0]['cell']}: "
+                        f"{failed[0]['message']}); rerun the same command to retry them")
+    return {"report": report, "failed": failed, "ran": [c.name for c in todo]}
+
+
+# ======================================================================================
 # The schedule
 # ======================================================================================
 _WORKER_CPUS = None
@@ -211,7 +254,7 @@ class _Schedule:
                 self.count += 1
             elif all(d in self.markers for d in c.deps):
                 out.append(c)
-        return sorted(out, key=lambda c: -COST[c.kind])
+        return sorted(out, key=lambda c: -COST[c.kind] * c.coords.get("weight", 1))
 
     def deps_of(self, c):
         return {d: self.markers[d]["run_id"] for d in c.deps}
@@ -242,32 +285,36 @@ class _Schedule:
         for share in cpu_shares(jobs):
             queue.put(share)
         with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-            broken = False
-            while (self.waiting or self.running) and not broken:
-                for c in self.ready():
-                    if len(self.running) >= jobs:
+            try:
+                broken = False
+                while (self.waiting or self.running) and not broken:
+                    for c in self.ready():
+                        if len(self.running) >= jobs:
+                            break
+                        self.waiting.remove(c)
+                        self.running[pool.submit(run_cell, c.spec(), self.deps_of(c))] = c
+                    self.bar.set_postfix_str(", ".join(c.name for c in self.running.values()))
+                    if not self.running:
                         break
-                    self.waiting.remove(c)
-                    self.running[pool.submit(run_cell, c.spec(), self.deps_of(c))] = c
-                self.bar.set_postfix_str(", ".join(c.name for c in self.running.values()))
-                if not self.running:
-                    break
-                done, _ = cf.wait(self.running, return_when=cf.FIRST_COMPLETED)
-                for fut in done:
-                    cell = self.running.pop(fut)
-                    try:
-                        self.finished(cell, fut.result())
-                    except cf.process.BrokenProcessPool:
-                        broken = True
-                        if cell.name in retried:
-                            self.finished(cell, {"cell": cell.name, "status": "failed",
-                                                 "message": "its worker process died twice"})
-                        else:   # once more in the next pool: a crash can be transient
-                            retried.add(cell.name)
-                            self.waiting.append(cell)
-                            self.write(f"{cell.name}: its worker process died; it runs again")
-                    except Exception as e:   # e.g. its result could not be sent back
-                        self.finished(cell, {"cell": cell.name, "status": "failed", "message": f"worker failed: {e}"})
+                    done, _ = cf.wait(self.running, return_when=cf.FIRST_COMPLETED)
+                    for fut in done:
+                        cell = self.running.pop(fut)
+                        try:
+                            self.finished(cell, fut.result())
+                        except cf.process.BrokenProcessPool:
+                            broken = True
+                            if cell.name in retried:
+                                self.finished(cell, {"cell": cell.name, "status": "failed",
+                                                     "message": "its worker process died twice"})
+                            else:   # once more in the next pool: a crash can be transient
+                                retried.add(cell.name)
+                                self.waiting.append(cell)
+                                self.write(f"{cell.name}: its worker process died; it runs again")
+                        except Exception as e:   # e.g. its result could not be sent back
+                            self.finished(cell, {"cell": cell.name, "status": "failed", "message": f"worker failed: {e}"})
+            except BaseException:   # Ctrl-C, SIGTERM, a bug: the running cells stop with this process
+                _stop_workers(pool)
+                raise
             if broken:   # the other cells of the dead pool run again too
                 for fut, cell in list(self.running.items()):
                     self.running.pop(fut)
@@ -281,12 +328,31 @@ class _Schedule:
         return self.failed
 
 
+def _stop_workers(pool, grace=20):
+    """End a pool's workers now: Ctrl-C in each (its cell stops, unfinished, and the worker exits as
+    Python does, releasing what it holds), then SIGTERM to any still running after `grace` seconds."""
+    import signal
+    workers = list(pool._processes.values())
+    for w in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(w.pid, signal.SIGINT)
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.time() + grace
+    for w in workers:
+        w.join(max(deadline - time.time(), 0))
+        if w.is_alive():
+            w.terminate()
+
+
 def summary_line(cell, st):
     if st["status"] == "diverged":
         return "diverged (non-finite loss)"
+    res = read_json(cell.result_file) or {}
+    predictor = res.get("full_predictor") or res.get("kernel_predictor")   # analyze_ntk features, attack
+    if predictor is not None:
+        return f"kernel predictor clean {predictor['acc_clean']:.3f}  {res['method']} {predictor['acc_robust']:.3f}"
     if cell.script == "analyze_ntk":
         return "kernel motion done"
-    res = read_json(cell.result_file) or {}
     r = res.get("linear" if cell.kind.startswith("phase2") else "standard", {})
     return f"clean {r.get('clean', float('nan')):.3f}  linf {r.get('linf', float('nan')):.3f}  " \
            f"l2 {r.get('l2', float('nan')):.3f}"

@@ -298,9 +298,10 @@ def fgsm(logits_fn, weights, x, y, eps):
     return attacks.project(x + eps * jnp.sign(g), x, eps, "linf")
 
 
-def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key, batch_size=None):
-    """FGSM or L-inf PGD (attacks.pgd: Madry et al. 2018, random start, step 2 eps/steps) on
-    the cross-entropy of a kernel predictor's outputs, in batches of `batch_size`.
+def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key, batch_size=None,
+                            step_size=None, random_start=True):
+    """FGSM or L-inf PGD (attacks.pgd: Madry et al. 2018; by default a random start and step
+    2 eps/steps) on the cross-entropy of a kernel predictor's outputs, in batches of `batch_size`.
 
     `weights` is what `logits_fn` takes first: an [n, C] array, or a pytree such as
     `make_kernel_logits`'s (variables, weights); float leaves become float32.
@@ -318,7 +319,8 @@ def attack_kernel_predictor(logits_fn, weights, x, y, *, method, eps, steps, key
             xa = fgsm(logits_fn, weights, xb, yb, eps)
         elif method == "pgd":
             xa = attacks.pgd(logits_fn, weights, xb, yb, jax.random.fold_in(key, b), eps,
-                             2.0 * eps / steps, steps=steps, norm="linf")
+                             2.0 * eps / steps if step_size is None else step_size, steps=steps, norm="linf",
+                             random_start=random_start)
         else:
             raise ValueError(f"method must be 'fgsm' or 'pgd' (got {method!r})")
         out.append(np.asarray(xa))

@@ -26,13 +26,12 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import sys
 
 import cli
 import utils
-from grid_cells import PRESETS, SETTINGS, epoch_name, grid_flags, make_cells, print_commands, script_path, survey
+from grid_cells import PRESETS, SETTINGS, epoch_name, grid_flags, make_cells, print_commands, script_path
 from grid_report import write_report
-from grid_scheduler import run_cells
+from grid_scheduler import run_experiment
 from utils import UserError
 
 EXAMPLES = [
@@ -176,37 +175,7 @@ def run(args):
     if args.print_commands:
         print_commands(grid, cells)
         return {"report": None, "failed": [], "ran": []}
-    if args.cell is not None:
-        names = [c.name for c in cells]
-        if args.cell not in names:
-            raise UserError(f"--cell {args.cell} is not a cell of this grid (e.g. {names[0]}, {names[-1]})")
-    if os.path.exists(grid["out_dir"]) and not os.path.isdir(grid["out_dir"]):
-        raise UserError(f"--out_dir {grid['out_dir']} is a file")
-    markers, todo = survey(cells)
-    if args.cell is not None:
-        cell = next(c for c in cells if c.name == args.cell)
-        missing = [d for d in cell.deps if d not in markers]
-        if missing:
-            raise UserError(f"--cell {cell.name} needs {', '.join(missing)} to be complete: run "
-                            f"{'its' if len(missing) == 1 else 'their'} command first")
-        todo = [cell] if cell in todo else []
-        if not todo:
-            print(f"{cell.name} is already complete")
-    if args.report_only:
-        todo = []
-    if todo and args.cell is None:   # one grid per --out_dir (its cells are locked one by one where they run)
-        utils.lock_dir(grid["out_dir"], "--out_dir")
-    failed = run_cells(grid["out_dir"], todo, len(cells), markers, args.jobs, args.no_progress) if todo else []
-    report = None
-    if args.cell is None and (markers or args.report_only):
-        report = write_report(grid, cells, markers, grid_command)
-        print(f"wrote {report}")
-    if failed:
-        for f in failed:
-            print(f"{f['cell']}: {f['status']}: {f['message']}", file=sys.stderr)
-        raise UserError(f"{len(failed)} cell{'s' if len(failed) > 1 else ''} did not complete (first: {failed[0]['cell']}: "
-                        f"{failed[0]['message']}); rerun the same command to retry them")
-    return {"report": report, "failed": failed, "ran": [c.name for c in todo]}
+    return run_experiment(grid["out_dir"], cells, args, lambda markers: write_report(grid, cells, markers, grid_command))
 
 
 def main(argv=None):

@@ -54,6 +54,8 @@ class PredictorSetup:
                 raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")
         if not (0 <= args.eps < float("inf") and 0 <= args.ridge < float("inf")):
             raise UserError(f"--eps and --ridge must be finite and >= 0 (got {args.eps:g} and {args.ridge:g})")
+        if args.step_size is not None and not 0 < args.step_size < float("inf"):
+            raise UserError(f"--step_size must be finite and > 0 (got {args.step_size:g})")
         self.net = self.infinite_net = self.architecture = None
         if args.arch is not None:
             import infinite
@@ -148,7 +150,8 @@ class PredictorSetup:
         return ka.attack_kernel_predictor(self.logits_fn, (self.kernel_vars, weights), self.x_test, self.y_test,
                                           method=method,
                                           eps=cli.eps_from_255(args.eps), steps=1 if method == "fgsm" else args.steps,
-                                          key=key, batch_size=args.batch_size)
+                                          key=key, batch_size=args.batch_size, step_size=pgd_step(args),
+                                          random_start=not args.no_random_start)
 
     def describe(self, args):
         if self.net is None:
@@ -219,12 +222,26 @@ def feature_analysis(setup, args):
             "method": args.method, "attack": f"{attack_name(args)} on the cross-entropy of the attacked feature's outputs",
             "chance": 1 / n_classes, "full_predictor": {"acc_clean": full_clean, "acc_robust": full_robust},
             "max_abs_sum_of_features_minus_predictor": sum_error,
-            "eigenvalues": predictor["evals"].tolist(), "features": per_index}
+            "eigenvalues": predictor["evals"].tolist(), "features": per_index,
+            "feature_values": {"what": "f_i(x) at every test image, [index of 'features', test image, class], and "
+                                       "the predictor f(x), [test image, class] (compared across kernels by "
+                                       "tk_experiment.py)",
+                               "values": np.asarray(feats, np.float32).tolist(),
+                               "predictor": np.asarray(ka.kernel_predict(setup.k_test_train, predictor),
+                                                       np.float32).tolist()}}
+
+
+def pgd_step(args):
+    """The PGD step of --step_size (1/255 units) or 2 eps / --steps, in pixel units."""
+    return cli.eps_from_255(args.step_size if args.step_size is not None else 2 * args.eps / args.steps)
 
 
 def attack_name(args):
     """--method in words: 'FGSM' or 'PGD-10 (step 2 eps/10, random start)'."""
-    return "FGSM" if args.method == "fgsm" else f"PGD-{args.steps} (step 2 eps/{args.steps}, random start)"
+    if args.method == "fgsm":
+        return "FGSM"
+    step = f"2 eps/{args.steps}" if args.step_size is None else f"{args.step_size:g}/255"
+    return f"PGD-{args.steps} (step {step}, {'clean' if args.no_random_start else 'random'} start)"
 
 
 def feature_images(setup, summary, n_images, path):
@@ -296,7 +313,8 @@ def predictor_attack(setup, args):
     steps = 1 if args.method == "fgsm" else args.steps
     return x_adv, {**setup.describe(args), "method": args.method, "eps_255": args.eps, "eps": cli.eps_from_255(args.eps),
                    "steps": steps,
-                   "step_size": cli.eps_from_255(args.eps) * (1 if args.method == "fgsm" else 2 / args.steps),
+                   "step_size": cli.eps_from_255(args.eps) if args.method == "fgsm" else pgd_step(args),
+                   "random_start": args.method == "pgd" and not args.no_random_start,
                    "kernel_predictor": {"acc_clean": setup.accuracy(setup.k_test_train, alpha),
                                         "acc_robust": setup.accuracy(setup.kernel_at(x_adv), alpha)},
                    "max_linf_perturbation": float(np.max(np.abs(x_adv - setup.x_test))),
@@ -335,8 +353,13 @@ def network_transfer(net, setup, x_adv, args):
                                      batch_size=args.batch_size)
     transfer = attacks.evaluate_network(net, "standard", x_adv, labels, None, seed=args.random_seed,
                                         batch_size=args.batch_size)
+    # The control: a perturbation of the same size in no chosen direction (+-eps per pixel, clipped).
+    signs = np.random.default_rng(args.random_seed).choice(np.float32([-1, 1]), size=setup.x_test.shape)
+    noise = attacks.evaluate_network(net, "standard", np.clip(setup.x_test + eps * signs, 0, 1), labels, None,
+                                     seed=args.random_seed, batch_size=args.batch_size)
     return {"model_path": net.path, "model": net.model, "width": net.width, "acc_clean": white["acc_clean"],
-            "acc_on_ntk_examples": transfer["acc_clean"], "acc_own_pgd": white["acc_adv"],
+            "acc_on_ntk_examples": transfer["acc_clean"], "acc_random_sign": noise["acc_clean"],
+            "acc_own_pgd": white["acc_adv"],
             "own_pgd": f"L-inf PGD-{args.steps}, step 2 eps/{args.steps}, random start"}
 
 
@@ -349,5 +372,6 @@ def attack_report(summary):
              f"(max |delta| = {summary['max_linf_perturbation'] * 255:.2f}/255)"]
     for t in summary.get("network_transfer", []):
         lines.append(f"network {t['model_path']} ({t['model']}): clean {t['acc_clean']:.3f}, on the kernel's examples "
-                     f"{t['acc_on_ntk_examples']:.3f}, under its own PGD {t['acc_own_pgd']:.3f}")
+                     f"{t['acc_on_ntk_examples']:.3f}, with random +-eps signs {t['acc_random_sign']:.3f}, under its "
+                     f"own PGD {t['acc_own_pgd']:.3f}")
     return "\n".join(lines)

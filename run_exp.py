@@ -38,6 +38,9 @@ def build_parser():
     g.add_argument("--flip_epoch", type=int, default=50, help="epoch at which loader F turns adversarial")
     g.add_argument("--base_model_path", default=None,
                    help="start from this checkpoint and skip phase 1")
+    g.add_argument("--lr", type=float, default=0.1,
+                   help="phase-1 learning rate (SGD, momentum 0.9), x0.1 after epoch 100 and x0.01 after epoch 150 "
+                        "(the reference's 0.1)")
     g.add_argument("--second_lr", type=float, default=0.01, help="phase-2 learning rate (SGD, momentum 0.9)")
     g.add_argument("--centering", action="store_true",
                    help="phase 2 trains the centered model: J(theta0)(theta-theta0), or "
@@ -91,8 +94,9 @@ def validate(args):
     if not args.eps >= 0:  # also refuses nan
         raise UserError(f"--eps must be >= 0 (got {args.eps})")
     cli.check_eps(args.eps)
-    if not 0 <= args.second_lr < float("inf"):
-        raise UserError(f"--second_lr must be finite and >= 0 (got {args.second_lr})")
+    for flag in ("lr", "second_lr"):
+        if not 0 <= getattr(args, flag) < float("inf"):
+            raise UserError(f"--{flag} must be finite and >= 0 (got {getattr(args, flag)})")
     for flag in ("train_size", "test_size"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UserError(f"--{flag} must be positive (got {getattr(args, flag)})")

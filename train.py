@@ -35,7 +35,7 @@ def get_lr(opt_state):
 
 
 def phase1_lr(epoch, base_lr=0.1):
-    """lr 0.1, 0.01 once epoch 99 has finished, 0.001 once epoch 149 has finished."""
+    """base_lr (the reference's 0.1), x0.1 once epoch 99 has finished, x0.01 once epoch 149 has finished."""
     if epoch >= 150:
         return base_lr * 0.01
     if epoch >= 100:

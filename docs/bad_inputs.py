@@ -127,6 +127,10 @@ ROWS = [
      "test_analysis.py::test_an_infinite_kernels_examples_transfer_to_networks"),
     ("`--model fc` without `--depth`", f"run_exp.py {TINY.replace('mlp_skinny', 'fc')}",
      "test_tk_networks.py::test_architecture_flags_are_checked_in_one_line"),
+    ("`--classes` that are not two classes, for a binary task", "tk_experiment.py --classes 0 1 2 --out_dir tk",
+     "test_tk_experiment.py::test_bad_input_is_one_line_before_any_run"),
+    ("an unknown architecture in `--archs`", "tk_experiment.py --archs resnet18 --out_dir tk",
+     "test_tk_experiment.py::test_bad_input_is_one_line_before_any_run"),
     ("a negative `--random_seed`", "calculate_kernel.py --model_path run/parameters_final.pkl --random_seed -1",
      "test_no_lost_work.py::test_argparse_errors_are_one_line[negative-seed]"),
 ]

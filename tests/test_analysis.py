@@ -252,6 +252,7 @@ def test_an_infinite_kernels_examples_transfer_to_networks(tiny_run, tmp_path):
     assert len(s["network_transfer"]) == 2 and s["network_transfer"][0] == s["network_transfer"][1]
     t = s["network_transfer"][0]
     assert t["model_path"] == ckpt and 0 <= t["acc_own_pgd"] <= t["acc_clean"] <= 1 and 0 <= t["acc_on_ntk_examples"] <= 1
+    assert 0 <= t["acc_random_sign"] <= 1   # the control: +-eps signs in no chosen direction
     code, _, err = call("analyze_ntk", ["attack", "--arch", "fc", "--depth", "1", "--dataset", "cifar10",
                                         "--transfer_to", ckpt, "--out_dir", "b"], str(tmp_path))
     assert code == 2 and err.count("\n") == 1, err

@@ -224,6 +224,34 @@ def test_a_signal_ends_a_run_with_one_line_and_it_resumes(tmp_path, sig, code, n
     assert "resuming phase 1 at epoch" in out
 
 
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_a_signal_to_an_experiment_stops_its_worker_processes(tmp_path):
+    """SIGTERM to tk_experiment.py --jobs 2 alone (not to its process group): the cells running in its
+    workers stop too, at once, and it ends with exit 143 and its one line."""
+    cmd = [sys.executable, os.path.join(ROOT, "tk_experiment.py"), "--archs", "fc1", "--widths", "8", "16",
+           "--train_epochs", "100000", "--train_size", "40", "--test_size", "20", "--tasks", "binary", "--jobs", "2",
+           "--no_progress", "--out_dir", "tk"]
+    p = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = [tmp_path / "tk" / "finite" / f"fc1_w{w}" / "metrics.jsonl" for w in (8, 16)]
+    deadline = time.time() + 300
+    while time.time() < deadline and not all(m.exists() and m.read_text().count("epoch") >= 2 for m in metrics):
+        time.sleep(0.2)
+    workers = _children(p.pid)
+    assert len(workers) >= 2
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err[-3000:]
+    assert err.strip().splitlines() == ["interrupted (SIGTERM): the complete cells are kept; rerun the same command "
+                                        "to run the others"], err
+    time.sleep(1)
+    assert not [w for w in workers if os.path.exists(f"/proc/{w}") and "zombie" not in
+                open(f"/proc/{w}/status").read()], "a worker process outlived its experiment"
+
+
 # --------------------------------------------------------------------------------------
 # 6. "finished" only for a run that wrote its final files
 # --------------------------------------------------------------------------------------

@@ -190,6 +190,7 @@ def test_phase2_trains_in_each_dynamics(flags, dynamics, tmp_path):
     assert [m["adversarial"] for m in records] == ["CA" in flags] * 2
     # --do_standard_second continues phase 1's optimizer (lr 0.1), the others start SGD at --second_lr.
     assert [m["lr"] for m in records] == pytest.approx([0.1 if standard_second else 0.05] * 2)
+    assert epochs(tmp_path, 1)[0]["lr"] == pytest.approx(0.1)   # run_exp's default --lr: the reference's
     assert results(tmp_path)["standard_second"] is standard_second
     final = ckpt(tmp_path / "parameters_final.pkl")
     assert final["meta"]["dynamics"] == dynamics and final["meta"]["centering"] == ("--centering" in flags)
@@ -488,6 +489,7 @@ BAD = {  # id: (flags, the exact error line; {d} is a scratch dir, {run} the exi
     "loaders-C": (["--loaders", "C"], "--loaders must be two letters from C, A, F (got 'C')"),
     "negative-eps": (["--eps", "-1"], "--eps must be >= 0 (got -1.0)"),
     "inf-second_lr": (["--second_lr", "inf"], "--second_lr must be finite and >= 0 (got inf)"),
+    "negative-lr": (["--lr", "-0.1"], "--lr must be finite and >= 0 (got -0.1)"),
     "negative-train_size": (["--train_size", "-10"], "--train_size must be positive (got -10)"),
     "missing-base": (["--base_model_path", "{d}/nope.pkl"], "file not found: {d}/nope.pkl"),
     "base-other-model": (["--base_model_path", "{mlp}", "--model", "mlp_wide"],

@@ -121,3 +121,38 @@ def test_bad_architecture_flags_are_one_line(tmp_path, argv, message):
         code, _, err = call("analyze_ntk", [command, "--dataset", "digits", *argv, "--out_dir", "out"], str(tmp_path))
         assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_pgd_without_random_start_is_the_notebooks(cifar, tmp_path):
+    """--method pgd --step_size 2.55 --no_random_start: the notebook's PGD (10 steps of 0.01 sign(grad) from the
+    clean image, each clipped to [0, 1] and projected onto the eps-ball)."""
+    import utils
+    argv = ["attack", "--arch", "fc", "--depth", "1", "--dataset", "cifar10", "--data_dir", cifar, "--classes", "0",
+            "1", "--ridge", "0", "--float64", "--method", "pgd", "--steps", "10", "--step_size", "2.55",
+            "--no_random_start", "--eps", "8", "--n_train", "24", "--n_test", "8", "--out_dir", str(tmp_path),
+            "--no_progress"]
+    summary = analyze_ntk.run(analyze_ntk.build_parser().parse_args(argv))
+    assert summary["random_start"] is False and summary["step_size"] == pytest.approx(0.01)
+    with pytest.warns(UserWarning):
+        ds = data.load_dataset("cifar10", cifar)
+    x_train, x_test = ds.x_train[summary["train_indices"]], ds.x_test[summary["test_indices"]]
+    y_train = np.where(ds.y_train[summary["train_indices"]] == 1, 1.0, -1.0)
+    y_test = np.where(ds.y_test[summary["test_indices"]] == 1, 1.0, -1.0)
+    kernel_fn = infinite.architecture("fc", 1).kernel_fn
+    k = np.asarray(kernel_fn(x_train, get="ntk", dtype="float64"))
+    alpha = jnp.asarray(scipy.linalg.solve(k, y_train, assume_a="pos"), jnp.float32)
+
+    @jax.jit
+    def step(x_adv):
+        def loss(x):
+            return jnp.sum(jax.nn.softplus(-jnp.asarray(y_test, jnp.float32) * (kernel_fn(x, x_train, get="ntk") @ alpha)))
+        x_adv = jnp.clip(x_adv + 0.01 * jnp.sign(jax.grad(loss)(x_adv)), 0, 1)
+        return jnp.clip(x_test + jnp.clip(x_adv - x_test, -EPS, EPS), 0, 1)
+
+    x_adv = jnp.asarray(x_test)
+    for _ in range(10):
+        x_adv = step(x_adv)
+    saved = utils.restricted_load(summary["files"]["adv_examples"])["images"].transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(saved, x_adv, atol=1e-6)
+    k_adv = np.asarray(kernel_fn(np.asarray(x_adv), x_train, get="ntk", dtype="float64"))
+    assert summary["kernel_predictor"]["acc_robust"] == _accuracy(k_adv, np.asarray(alpha, np.float64), y_test)
