@@ -51,13 +51,13 @@ TASKS = ("binary", "all")
 # with eps on digits. lr is run_exp.py's phase-1 --lr of the finite networks (SGD, momentum 0.9; NTK
 # parameterization, so a rate of order 1).
 PRESETS = {
-    # Offline, 8x8 images: about 10 minutes on 2 CPU cores with --jobs 2. Binary: 3 vs 8 (0 vs 1 is
+    # Offline, 8x8 images: 7.5 minutes on 2 CPU cores with --jobs 2. Binary: 3 vs 8 (0 vs 1 is
     # too easy to attack at this eps).
     "digits": dict(dataset="digits", archs=["fc1", "fc2", "conv2", "myrtle5"], tasks=["binary", "all"],
                    classes=[3, 8], n_train=100, n_test=40, eps=32.0, pgd_steps=10, pgd_step=10.2, n_features=8,
                    n_tail=4, widths=[32, 128], train_epochs=10, lr=0.5, train_size=0, test_size=0, batch_size=128,
                    motion_size=20, seed=0),
-    # Real CIFAR-10 images on 2 CPU cores in under an hour with --jobs 2. Myrtle-5's kernel (and its
+    # Real CIFAR-10 images: 18 minutes on 2 CPU cores with --jobs 2. Myrtle-5's kernel (and its
     # gradient for every attack) costs too much on a CPU at 32x32: it is in the paper preset.
     "cifar-subset": dict(dataset="cifar10", archs=["fc1", "fc2", "conv2"], tasks=["binary", "all"], classes=[0, 1],
                          n_train=500, n_test=100, eps=8.0, pgd_steps=10, pgd_step=2.55, n_features=10, n_tail=6,
