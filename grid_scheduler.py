@@ -17,11 +17,11 @@ import time
 import uuid
 
 import utils
-from grid_cells import LOG, MARKER, json_equal, read_json
+from grid_cells import LOG, MARKER, json_equal, read_json, survey
 from utils import UserError
 
 # Relative cost of each kind of cell, for longest-first scheduling among ready cells (kernel_epoch_grid.py's
-# cells, then tk_experiment.py's: a kernel cell's cost also grows with its architecture, tk_experiment.COST).
+# cells, then tk_experiment.py's, whose cells also carry their architecture's weight in coords['weight']).
 COST = {"phase1:AC": 100, "phase2:CA": 30, "dynamics": 20, "phase1:CC": 15, "phase2:CC": 10,
         "tk:features": 20, "tk:attack_pgd": 12, "tk:attack_fgsm": 2, "tk:finite": 10, "tk:motion": 5}
 
@@ -132,7 +132,6 @@ def run_experiment(out_dir, cells, args, write_report):
     report with write_report(markers) -> path (unless --cell; with --report_only nothing runs).
     Returns {'report': path or None, 'failed': [...], 'ran': [cell names]}; UserError if a cell
     failed (after the report of the others)."""
-    from grid_cells import survey
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UserError(f"--out_dir {out_dir} is a file")
     names = [c.name for c in cells]
