@@ -6,6 +6,9 @@
              the polar dynamics against K_0 of the full kernel and of its top-k and bottom-k
              eigenspaces, the kernel velocity and the top-10 / top-20 eigenvalue mass
              (kernel_analysis.kernel_motion). Several runs are overlaid (CC and AC: the paper's).
+             --full: Tsilivis & Kempe's setting, the full NTK of every class pair, read as the
+             C n x C n class-major matrix (ntk.full_matrix), with the bottom space all but the
+             top k eigenvalues (theirs: top 20 and bottom 2480 of 2500, --dataset_size 250 --k 20).
   features   Usefulness and robustness of the eigen-features f_i of the kernel predictor
              f(x) = K(x,X)(K(X,X) + r I)^-1 Y (ntk_predictor.feature_analysis).
   attack     Training-free FGSM/PGD examples of the kernel predictor, saved in eval_and_make_adv.py's
@@ -81,6 +84,8 @@ def _add_predictor(p):
 EXAMPLES = {
     "dynamics": "python analyze_ntk.py dynamics --runs runs/phase1_CC runs/phase1_AC --labels CC AC "
                 "--dataset_size 200 --out_dir runs/dynamics",
+    "dynamics --full": "python analyze_ntk.py dynamics --runs runs/tk_cnn --full --dataset_size 250 --k 20 "
+                       "--out_dir runs/dynamics_full",
     "features": "python analyze_ntk.py features --model_path runs/phase1_AC/parameters_final.pkl --eps 16 "
                 "--out_dir runs/features_AC",
     "features --arch": "python analyze_ntk.py features --arch fc --depth 1 --dataset cifar10 --classes 0 1 "
@@ -112,7 +117,17 @@ def build_parser():
     d.add_argument("--labels", nargs="+", default=None, help="one label per run (default: directory names)")
     d.add_argument("--dataset_size", type=int, default=200,
                    help="class-balanced training images of every kernel (the same images for all checkpoints)")
-    d.add_argument("--k", type=int, default=10, help="size of the top-k and bottom-k eigenspaces")
+    d.add_argument("--k", type=int, default=10,
+                   help="size of the top-k and bottom-k eigenspaces (with --full: of the top-k one; the bottom is "
+                        "the rest)")
+    d.add_argument("--max_epoch", type=float, default=None,
+                   help="with --runs: only the checkpoints up to this epoch (default: all)")
+    d.add_argument("--full", action="store_true",
+                   help="Tsilivis & Kempe's kernel motion: every kernel is the full NTK of all class pairs on the "
+                        "--dataset_size images (calculate_kernel.py --full), read as the C n x C n class-major matrix "
+                        "K.transpose([3, 1, 2, 0]).reshape(C n, C n), and the bottom eigenspace is ALL BUT the top k "
+                        "(theirs: --dataset_size 250 --k 20, top 20 and bottom 2480 of 2500). With --kernel_files, "
+                        "files of calculate_kernel.py --full. Not with a --class_index other than -1")
     _add_common(d)
 
     f = _subcommand(sub, "features", "usefulness and robustness of the NTK eigen-features")
@@ -152,13 +167,23 @@ def run_dynamics(args):
                     [f"kernel_distance_{ntk_inputs.safe_label(label)}.png" for label in labels] + list(DYNAMICS_FIGURES)]
     json_path = os.path.join(out_dir, "dynamics.json")
     inputs = ntk_inputs.analysis_inputs(args, labels=labels)
+    if args.full and args.class_index != -1:
+        raise UserError(f"--full covers every class pair: give no --class_index (got {args.class_index})")
+    if not args.full:   # recorded by full analyses only, so the outputs of earlier analyses keep their inputs
+        del inputs["full"]
+    bottom = "rest" if args.full else "k"
 
     def check_out_dir():   # once the inputs are checked, before any work
-        ntk_inputs.check_analysis_outputs(figure_paths, json_path, inputs, "a kernel-dynamics analysis")
+        recorded = utils.recorded_inputs(json_path) if os.path.lexists(json_path) else None
+        if not args.full and isinstance(recorded, dict) and recorded.get("full"):
+            raise UserError(f"{json_path} already holds a full-kernel analysis (--full): it is not replaced; give "
+                            f"another --out_dir, or delete those files")
+        ntk_inputs.check_analysis_outputs(figure_paths, json_path, inputs,
+                                          "a full-kernel dynamics analysis" if args.full else "a kernel-dynamics analysis")
         utils.check_writable_dir(out_dir, "--out_dir")
 
     if args.runs is None:
-        runs = ntk_inputs.kernels_from_files(labels, args.kernel_files)
+        runs = ntk_inputs.kernels_from_files(labels, args.kernel_files, full=args.full)
         check_out_dir()
         sources, computed = ["kernel_files"] * len(labels), 0
     else:   # every checkpoint's kernel on the same images, cached
@@ -169,13 +194,18 @@ def run_dynamics(args):
                                                        [os.path.join(cache_dir, ntk_inputs.safe_label(label)) for label in labels])
         print(f"{computed} kernels computed, {sum(map(len, ckpt_lists)) - computed} reused from {cache_dir}")
         sources = [os.path.abspath(r) for r in args.runs]
-    results = {label: {"source": source, "checkpoints": paths,
-                       **ka.kernel_motion(epochs, kernels, min(args.k, len(kernels[0])))}
-               for label, source, (epochs, paths, kernels) in zip(labels, sources, runs)}
+    results = {}
+    for label, source, run in zip(labels, sources, runs):
+        epochs, paths, kernels = run
+        k_count = min(args.k, len(kernels[0]) - (bottom == "rest"))
+        results[label] = {"source": source, "checkpoints": paths,
+                          **ka.kernel_motion(epochs, kernels, k_count, bottom)}
+        kernels.clear()   # this run's kernels are no longer needed
     utils.begin_outputs(json_path, inputs)
     files = plots.dynamics_figures(results, args.k, figure_paths)
-    summary = {"command": "dynamics", "config": utils.run_config(args), "k": args.k, "kernels_computed": computed,
-               "definitions": dict(ka.MOTION_DEFINITIONS), "runs": results, "figures": files,
+    summary = {"command": "dynamics", "config": utils.run_config(args), "k": args.k, "full": bool(args.full),
+               "bottom": bottom, "kernels_computed": computed,
+               "definitions": ka.motion_definitions(bottom), "runs": results, "figures": files,
                "inputs": inputs}
     ntk_inputs.write_summary(json_path, summary)
     for label, motion in results.items():

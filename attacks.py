@@ -324,25 +324,30 @@ def _fori(step, static_argnames):
 # --------------------------------------------------------------------------------------
 # PGD
 # --------------------------------------------------------------------------------------
-def _pgd_step(i, x_adv, variables, x, y, eps, step_size, *, predict, norm):
+def _pgd_step(i, x_adv, variables, x, y, eps, step_size, *, predict, norm, clip_iterates=True):
     del i
     g = jax.grad(_xent_sum, argnums=2)(predict, variables, x_adv, y)
     x_adv = x_adv + step_size * _ascent_direction(g, norm)
+    if not clip_iterates:  # L-inf only (pgd checks): back into the ball, [0, 1] left to the end
+        return x + jnp.clip(x_adv - x, -eps, eps)
     return project(x_adv, x, eps, norm)  # clip to [0,1], then back into the ball
 
 
-_PGD_STATIC = ("predict", "norm")
+_PGD_STATIC = ("predict", "norm", "clip_iterates")
 _pgd_step_jit = jax.jit(_pgd_step, static_argnames=_PGD_STATIC)
 _pgd_fori = _fori(_pgd_step, _PGD_STATIC)
 _random_start_jit = jax.jit(random_start, static_argnames=("norm",))
 
 
-def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", with_half=False, random_start=True):
+def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", with_half=False, random_start=True,
+        clip_iterates=True):
     """Projected gradient descent on the cross-entropy (Madry et al., ICLR 2018).
 
     One seeded random start (the clean image without `random_start`), then `steps` steps of
       L-inf: x <- x + step_size * sign(grad);   L2: x <- x + step_size * grad / ||grad||,
-    each followed by a clip to [0, 1] and a projection onto the eps-ball around x.
+    each followed by a clip to [0, 1] and a projection onto the eps-ball around x. Without
+    `clip_iterates` (L-inf only), each step is only projected onto the eps-ball and the images
+    returned are clipped to [0, 1] at the end, as Tsilivis & Kempe's training PGD does.
     Each step is jitted (see the module doc for how they are looped); `steps` is not part of
     any compiled shape, so PGD-20 and PGD-100 share their executables. Returns adversarial
     images, same shape as x; with `with_half`, (those, the iterate after steps // 2) (for the
@@ -351,8 +356,15 @@ def pgd(predict, variables, x, y, key, eps, step_size, *, steps, norm="linf", wi
     x = jnp.asarray(x, jnp.float32)
     args = (variables, x, y, eps, step_size)
     x_adv = _random_start_jit(key, x, eps, norm) if random_start else x
-    x_half = _iterate(_pgd_step_jit, _pgd_fori, 0, steps // 2, x_adv, *args, predict=predict, norm=norm)
-    x_last = _iterate(_pgd_step_jit, _pgd_fori, steps // 2, steps, x_half, *args, predict=predict, norm=norm)
+    static = {"predict": predict, "norm": norm}
+    if not clip_iterates:
+        if norm != "linf":
+            raise ValueError("clip_iterates=False is for the L-inf PGD")
+        static["clip_iterates"] = False
+    x_half = _iterate(_pgd_step_jit, _pgd_fori, 0, steps // 2, x_adv, *args, **static)
+    x_last = _iterate(_pgd_step_jit, _pgd_fori, steps // 2, steps, x_half, *args, **static)
+    if not clip_iterates:
+        x_half, x_last = jnp.clip(x_half, 0.0, 1.0), jnp.clip(x_last, 0.0, 1.0)
     return (x_last, x_half) if with_half else x_last
 
 

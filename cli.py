@@ -11,7 +11,7 @@ import data
 from utils import UserError
 
 # The networks of models.NETWORKS (named here too, so --help needs no JAX; test_models checks they agree).
-MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear", "fc", "conv", "myrtle")
+MODELS = ("resnet18", "mlp_skinny", "mlp_wide", "linear", "cnn", "cnn_mega", "fc", "conv", "myrtle")
 DATASETS = data.DATASETS
 # GiB of per-image gradient rows the NTK engine may hold at once (ntk.empirical_ntk).
 DEFAULT_MEMORY_GB = 4.0
@@ -22,6 +22,8 @@ L2_STEP_SIZE = 0.01
 # attacks.py: the single attacks, then the ensembles (attacks.ENSEMBLES)
 ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "fab-t", "square", "ensemble", "ensemble-fast")
 NORMS = ("linf", "l2")
+# run_exp.py --lr_schedule (train.phase1_lr)
+LR_SCHEDULES = ("reference", "constant")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -87,13 +89,15 @@ def add_network_args(p, *, dataset_default=None, from_checkpoint=True):
                    help=f"network (default: {source}resnet18)")
     p.add_argument("--width", type=int, default=None,
                    help=f"ResNet channel width w: groups have w, 2w, 4w, 8w channels; the hidden width of fc, "
-                        f"conv and myrtle (default: {source}64)")
+                        f"conv and myrtle; the first conv's channels of cnn and cnn_mega (Tsilivis & Kempe's "
+                        f"CNN and CNN_mega; theirs is 32) (default: {source}64, 32 for cnn and cnn_mega)")
     dataset_help = "dataset; digits is scikit-learn's bundled 8x8 set and needs no download"
     if dataset_default is None:
         dataset_help += f" (default: {source}cifar10)"
     p.add_argument("--dataset", default=dataset_default, choices=DATASETS, help=dataset_help)
     p.add_argument("--data_dir", default="./data",
-                   help="folder holding (or receiving) the CIFAR files in torchvision's layout")
+                   help="folder holding (or receiving) the CIFAR, MNIST or Fashion-MNIST files in torchvision's "
+                        "layout")
 
 
 def add_class_index(p, default=-1, help_extra=""):
@@ -257,8 +261,11 @@ def add_no_progress(p):
 # --------------------------------------------------------------------------------------
 # File names
 # --------------------------------------------------------------------------------------
-def class_suffix(class_index, n):
-    """`_class_{c}_{n}`, or `_{n}` for the mean over logits (class -1): the reference's names."""
+def class_suffix(class_index, n, full=False):
+    """`_class_{c}_{n}`, or `_{n}` for the mean over logits (class -1): the reference's names;
+    `_full_{n}` for the full kernel of every class pair."""
+    if full:
+        return f"_full_{n}"
     return f"_class_{class_index}_{n}" if class_index != -1 else f"_{n}"
 
 

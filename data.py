@@ -4,6 +4,10 @@
   (`cifar-10-batches-py/`, `cifar-100-python/`), so folders torchvision filled are used as
   they are. The batch files are read with numpy. Missing files are downloaded with pooch
   (md5-checked, retried, with a progress bar) and extracted atomically (`download_cifar`).
+- mnist / fashion_mnist: torchvision's layout too (`MNIST/raw/`, `FashionMNIST/raw/`), the four
+  IDX files read with numpy; a missing one is gunzipped from its .gz, downloaded first if absent
+  (md5-checked, retried, from the next mirror when one fails) and renamed into place
+  (`download_mnist`).
 - digits: scikit-learn's bundled 8x8 digits (1797 images), scaled to [0, 1], 1 channel,
   with a fixed split: a permutation with seed 0, the first 1497 for training and the
   last 300 for testing. It needs no download, so everything runs offline on it.
@@ -30,7 +34,8 @@ import numpy as np
 from utils import Notice, UserError, restricted_load
 
 # Image shape (H, W, C) of each dataset, known without loading it.
-INPUT_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1)}
+INPUT_SHAPES = {"cifar10": (32, 32, 3), "cifar100": (32, 32, 3), "digits": (8, 8, 1),
+                "mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1)}
 DATASETS = tuple(INPUT_SHAPES)
 DIGITS_TEST_SIZE = 300
 
@@ -78,6 +83,30 @@ CIFAR = {
         meta=("meta", "7973b15100ade9c7d40fb424638fde48"),
         label_key="fine_labels"),
 }
+
+
+class IdxFiles(NamedTuple):
+    """Where an MNIST-style dataset comes from: its folder, mirrors and the md5 sums of its .gz files."""
+    folder: str  # directory under data_dir, as torchvision names it; the files are in its raw/
+    mirrors: tuple  # base URLs, tried in order
+    files: tuple  # ((.gz name, md5), ...): train images, train labels, test images, test labels
+
+
+# torchvision's mirrors and md5 sums (torchvision/datasets/mnist.py). Tests swap in entries.
+_IDX_NAMES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+MNIST = {
+    "mnist": IdxFiles(
+        folder="MNIST",
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
+        files=tuple(zip(_IDX_NAMES, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                     "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")))),
+    "fashion_mnist": IdxFiles(
+        folder="FashionMNIST",
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        files=tuple(zip(_IDX_NAMES, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                     "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")))),
+}
 # Seconds a download may wait on a silent connection: an offline machine fails fast, not never.
 DOWNLOAD_TIMEOUT_S = 30
 # Further attempts after a failed or corrupted download (pooch waits 1 s, then 2 s, ... between).
@@ -98,7 +127,7 @@ class Dataset(NamedTuple):
 
 
 def num_classes_of(name):
-    return {"cifar10": 10, "cifar100": 100, "digits": 10}[name]
+    return {"cifar10": 10, "cifar100": 100, "digits": 10, "mnist": 10, "fashion_mnist": 10}[name]
 
 
 def _md5(path):
@@ -120,8 +149,7 @@ def _read_batch(path, label_key):
 
 def load_cifar(name, data_dir, download=True):
     spec = CIFAR[name]
-    folder = os.path.join(data_dir, spec.folder)
-    missing = [f for f, _ in spec.train + spec.test if not os.path.isfile(os.path.join(folder, f))]
+    folder, missing = missing_files(name, data_dir)
     if missing:
         if not download:
             raise UserError(f"{name} not found in {folder} (missing {', '.join(missing)})")
@@ -152,29 +180,45 @@ def download_cifar(name, data_dir):
     each renamed into place; files there are never overwritten.
     """
     spec = CIFAR[name]
-    created = not os.path.isdir(data_dir)
-    try:
-        os.makedirs(data_dir, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --data_dir {data_dir} ({_reason(e)})") from None
-    _remove_dead_partials(data_dir, spec.folder)
-    try:
-        archive = _fetch_archive(name, spec, data_dir)
-    except UserError:
-        if created:  # a failed download leaves no trace, not even an empty --data_dir
-            with contextlib.suppress(OSError):
-                os.rmdir(data_dir)  # removes it only if it is still empty
-        raise
+    with _made_dirs(data_dir, f"--data_dir {data_dir}"):
+        _remove_dead_partials(data_dir, spec.folder)
+        archive = _fetch(name, os.path.join(data_dir, spec.folder), spec.archive, spec.md5, (spec.url,), data_dir,
+                         f"Download {spec.url} and extract it into --data_dir (it holds '{spec.folder}/')")
     _install(spec, archive, data_dir)
 
 
-def _fetch_archive(name, spec, data_dir):
+@contextlib.contextmanager
+def _made_dirs(path, what):
+    """Create `path` and its missing parents; a UserError inside removes those still empty, so a
+    failed download leaves no trace, not even an empty --data_dir."""
+    created, p = [], os.path.abspath(path)
+    while not os.path.isdir(p):
+        created.append(p)
+        p = os.path.dirname(p)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {what} ({_reason(e)})") from None
+    try:
+        yield
+    except UserError:
+        for d in created:  # deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(d)  # removes it only if it is still empty
+        raise
+
+
+def _fetch(name, where, file, md5, urls, dest, by_hand):
+    """`dest/file`, downloaded by pooch from the first of `urls` that serves it with `md5`.
+
+    pooch streams it to a temporary file and renames it into place only once its md5 matches;
+    a file already there with that md5 is reused, one with another is fetched again. Failed or
+    corrupted downloads are retried `DOWNLOAD_RETRIES` times per URL. Errors are one-line
+    UserErrors; `where` and `by_hand` word the one for no network.
+    """
     import pooch  # imported here: only a download needs them
     import requests
     from tqdm import tqdm
-
-    fetcher = pooch.create(path=data_dir, base_url="", registry={spec.archive: f"md5:{spec.md5}"},
-                           urls={spec.archive: spec.url}, retry_if_failed=DOWNLOAD_RETRIES)
 
     def download(url, output_file, pooch_):
         # pooch's own HTTPDownloader opens its bar before connecting and leaves it open when
@@ -183,7 +227,7 @@ def _fetch_archive(name, spec, data_dir):
         with requests.get(url, stream=True, timeout=DOWNLOAD_TIMEOUT_S) as response:
             response.raise_for_status()
             size = int(response.headers.get("content-length", 0)) or None
-            with open(output_file, "wb") as out, tqdm(total=size, desc=spec.archive, unit="B",
+            with open(output_file, "wb") as out, tqdm(total=size, desc=file, unit="B",
                                                       unit_scale=True, unit_divisor=1024) as bar:
                 for chunk in response.iter_content(1 << 16):
                     out.write(chunk)
@@ -193,18 +237,22 @@ def _fetch_archive(name, spec, data_dir):
     level = logger.level
     logger.setLevel(logging.WARNING)
     try:
-        return fetcher.fetch(spec.archive, downloader=download)
+        for url in urls:
+            fetcher = pooch.create(path=dest, base_url="", registry={file: f"md5:{md5}"}, urls={file: url},
+                                   retry_if_failed=DOWNLOAD_RETRIES)
+            try:
+                return fetcher.fetch(file, downloader=download)
+            except (requests.exceptions.RequestException, ValueError):
+                if url == urls[-1]:
+                    raise  # else the next mirror
     except requests.exceptions.RequestException as e:  # no network, refused, cut short, HTTP error
-        folder = os.path.join(data_dir, spec.folder)
-        raise UserError(
-            f"{name} is not in {folder} and could not be downloaded ({_reason(e)}). Download {spec.url} "
-            f"and extract it into --data_dir (it holds '{spec.folder}/'), or use --dataset digits, "
-            f"which needs no download") from None
+        raise UserError(f"{name} is not in {where} and could not be downloaded ({_reason(e)}). {by_hand}, "
+                        f"or use --dataset digits, which needs no download") from None
     except ValueError as e:  # pooch: the downloaded archive's md5 is not the published one
-        raise UserError(f"the archive downloaded from {spec.url} is not the published one "
+        raise UserError(f"the archive downloaded from {url} is not the published one "
                         f"({_reason(e)}); nothing was kept") from None
     except OSError as e:
-        raise UserError(f"cannot save {spec.archive} in {data_dir} ({_reason(e)})") from None
+        raise UserError(f"cannot save {file} in {dest} ({_reason(e)})") from None
     finally:
         logger.setLevel(level)
 
@@ -218,7 +266,7 @@ def _reason(e):
 
 def _install(spec, archive, data_dir):
     folder = os.path.join(data_dir, spec.folder)
-    partial = os.path.join(data_dir, f"{_partial_prefix(spec.folder)}{os.getpid()}-{secrets.token_hex(4)}")
+    partial = _partial_path(data_dir, spec.folder)
     os.mkdir(partial)
     try:
         _extract(spec, archive, partial)
@@ -262,17 +310,27 @@ def _extract(spec, archive, dest):
                         f"missing or with other md5 sums than published")
 
 
-def _partial_prefix(folder):
-    return f".{folder}.partial-{socket.gethostname()}-"
+def _partial_prefix(name):
+    return f".{name}.partial-{socket.gethostname()}-"
 
 
-def _remove_dead_partials(data_dir, folder):
-    """Delete the partial directories that killed runs on this host left in `data_dir`."""
-    prefix = _partial_prefix(folder)
-    for entry in os.listdir(data_dir):
+def _partial_path(parent, name):
+    """A hidden path in `parent` to write `name` to before renaming it, unique to this run."""
+    return os.path.join(parent, f"{_partial_prefix(name)}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove_dead_partials(parent, name):
+    """Delete the partial directories or files of `name` that killed runs on this host left in `parent`."""
+    prefix = _partial_prefix(name)
+    for entry in os.listdir(parent):
         pid = entry[len(prefix):].split("-")[0]
         if entry.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(data_dir, entry), ignore_errors=True)
+            path = os.path.join(parent, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
 
 def _alive(pid):
@@ -283,6 +341,93 @@ def _alive(pid):
     except OSError:  # e.g. another user's process
         return True
     return True
+
+
+def _idx_files(name, data_dir):
+    """`name`'s raw folder under `data_dir` and its [(IDX file path, .gz name, md5), ...]."""
+    raw = os.path.join(data_dir, MNIST[name].folder, "raw")
+    return raw, [(os.path.join(raw, gz.removesuffix(".gz")), gz, md5) for gz, md5 in MNIST[name].files]
+
+
+def missing_files(name, data_dir):
+    """(folder, [names of the files `load_dataset(name, data_dir)` reads that are not on disk]);
+    digits needs none."""
+    if name in CIFAR:
+        spec = CIFAR[name]
+        folder = os.path.join(data_dir, spec.folder)
+        return folder, [f for f, _ in spec.train + spec.test if not os.path.isfile(os.path.join(folder, f))]
+    if name in MNIST:
+        raw, files = _idx_files(name, data_dir)
+        return raw, [os.path.basename(p) for p, _, _ in files if not os.path.isfile(p)]
+    return data_dir, []
+
+
+def load_mnist(name, data_dir, download=True):
+    raw, files = _idx_files(name, data_dir)
+    paths = [path for path, _, _ in files]
+    _, missing = missing_files(name, data_dir)
+    if missing:
+        if not download:
+            raise UserError(f"{name} not found in {raw} (missing {', '.join(missing)})")
+        download_mnist(name, data_dir)
+    image_shape = INPUT_SHAPES[name][:2]
+    x_tr, y_tr, x_te, y_te = (_read_idx(p, s) for p, s in zip(paths, (image_shape, (), image_shape, ())))
+    n_classes = num_classes_of(name)
+    for x, y, path in ((x_tr, y_tr, paths[1]), (x_te, y_te, paths[3])):
+        if len(y) != len(x) or y.max(initial=0) >= n_classes:
+            raise UserError(f"{path} holds {len(y)} labels up to {y.max(initial=0)}, not one in 0..{n_classes - 1} "
+                            f"for each of the {len(x)} images")
+    return Dataset(name, _to_float(x_tr[..., None]), y_tr.astype(np.int32), _to_float(x_te[..., None]),
+                   y_te.astype(np.int32), n_classes)
+
+
+def _read_idx(path, shape):
+    """The IDX file `path` of unsigned bytes shaped [N, *shape], as a uint8 array."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    head = 8 + 4 * len(shape)
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:head], ">u4")) if len(raw) >= head else ()
+    if raw[:4] != bytes((0, 0, 8, len(shape) + 1)) or dims[1:] != shape or len(raw) != head + int(np.prod(dims)):
+        raise UserError(f"{path} is not an IDX file of [N{''.join(f', {d}' for d in shape)}] unsigned bytes "
+                        f"(header {raw[:head].hex() or 'missing'}, {len(raw)} bytes); delete it and run again")
+    return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
+
+
+def download_mnist(name, data_dir):
+    """Fetch the .gz of each IDX file missing from `data_dir/<folder>/raw/` and gunzip it there.
+
+    Each .gz is downloaded (`_fetch`: md5-checked, retried, mirror after mirror) next to its IDX
+    file and kept, as torchvision keeps it; one already there with the published md5 is used
+    without a download. It is gunzipped to a hidden `.<file>.partial-<host>-<pid>-*` file that
+    is renamed into place, so a run killed at any point leaves no IDX file cut short (the next
+    download removes the partial files of dead runs). IDX files there are never overwritten.
+    """
+    mirrors = MNIST[name].mirrors
+    raw, files = _idx_files(name, data_dir)
+    missing = [f for f in files if not os.path.isfile(f[0])]
+    by_hand = f"Download {', '.join(gz for _, gz, _ in missing)} from {mirrors[0]} into {raw}"
+    with _made_dirs(raw, raw):
+        for path, gz, md5 in missing:
+            _remove_dead_partials(raw, os.path.basename(path))
+            _gunzip(_fetch(name, raw, gz, md5, tuple(m + gz for m in mirrors), raw, by_hand), path)
+
+
+def _gunzip(archive, path):
+    """Write the gunzipped `archive` to `path` through a partial file renamed into place."""
+    partial = _partial_path(*os.path.split(path))
+    try:
+        with gzip.open(archive, "rb") as src, open(partial, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, path)  # atomic
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # BadGzipFile is an OSError: caught first
+        raise UserError(f"{archive} is not a readable .gz ({_reason(e)}); delete it and run again") from None
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({_reason(e)})") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(partial)
 
 
 def _to_float(images_uint8):
@@ -300,11 +445,13 @@ def load_digits_dataset():
 
 
 def load_dataset(name, data_dir="./data", download=True):
-    """Load `name` ('cifar10', 'cifar100' or 'digits') as a `Dataset` of numpy arrays."""
+    """Load `name` (one of `DATASETS`) as a `Dataset` of numpy arrays."""
     if name == "digits":
         return load_digits_dataset()
     if name in CIFAR:
         return load_cifar(name, data_dir, download)
+    if name in MNIST:
+        return load_mnist(name, data_dir, download)
     raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 

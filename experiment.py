@@ -5,8 +5,11 @@ continues exactly. train.py gives the jitted steps; run_exp.py parses and checks
 guards --save_path.
 
 An adversarial batch is, as in the reference, two optimizer steps: one on the clean batch, then
-one on PGD-20 examples (L-inf radius eps, step 2 eps / 20) made against the just-updated model.
-The evaluation is clean, L-inf PGD and L2 PGD accuracy on the test set.
+one on PGD-20 examples (L-inf radius eps, step 2 eps / 20, random start) made against the
+just-updated model. Beyond the reference, the training attack's steps, step size and random
+start, FGSM, and adversarial-only batches (one step, on the attack's examples) express Tsilivis
+& Kempe's recipe (`train_attack`). The evaluation is clean, L-inf PGD and L2 PGD accuracy on the
+test set.
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ class Run:
             self.base = checkpoints.open_network(args.base_model_path, model=args.model, width=args.width,
                                                  dataset=args.dataset, flag="--base_model_path")
         self.model = self.base.model if self.base else args.model or checkpoints.DEFAULTS["model"]
-        self.width = self.base.width if self.base else args.width or checkpoints.DEFAULTS["width"]
+        self.width = self.base.width if self.base else args.width or models.default_width(self.model)
         self.architecture = (self.base.architecture if self.base else
                              cli.architecture_record(self.model, args)
                              if self.model in models.ARCHITECTURE_NETWORKS else {})
@@ -74,6 +77,7 @@ class Run:
             self.init_params, self.init_state = self.init(jax.random.fold_in(self.key, 0),
                                                           jnp.asarray(self.x_train[:2]), True)
         self.eps = cli.eps_from_255(args.eps)
+        self.attack = train_attack(args)
         self._steps = {}
         self.metrics = MetricsLog(os.path.join(args.save_path, "metrics.jsonl"))
         if not args.resume:
@@ -95,7 +99,7 @@ class Run:
     def meta(self, **extra):
         return {"model": self.model, "width": self.width, "num_classes": self.ds.num_classes,
                 "input_shape": list(self.ds.input_shape), "dataset": self.ds.name,
-                "loaders": self.args.loaders, "random_seed": self.args.random_seed,
+                "loaders": self.args.loaders, "random_seed": self.args.random_seed, "training": training_record(self.args),
                 **({"architecture": self.architecture} if self.architecture else {}), **extra}
 
     def save(self, name, params, lin_params, net_state, **meta):
@@ -106,10 +110,13 @@ class Run:
         """Save a network trained in `dynamics` in the reference's layout (checkpoints.stored_as)."""
         self.save(name, *checkpoints.stored_as(dynamics, theta, theta0), net_state, dynamics=dynamics, **meta)
 
+    def optimizer(self, lr):
+        return train.make_optimizer(lr, self.args.momentum)
+
     def train_step(self, dynamics, is_training):
         key = (dynamics, is_training)
-        if key not in self._steps:
-            self._steps[key] = train.make_train_step(self.apply, dynamics, is_training, train.make_optimizer(0.0))
+        if key not in self._steps:  # lr and momentum come from the optimizer state
+            self._steps[key] = train.make_train_step(self.apply, dynamics, is_training, self.optimizer(0.0))
         return self._steps[key]
 
     def predict(self, dynamics):
@@ -122,16 +129,48 @@ class Run:
 # --------------------------------------------------------------------------------------
 # One epoch, one evaluation
 # --------------------------------------------------------------------------------------
+def train_attack(args):
+    """The training attack of the flags: {'steps', 'step_size' (pixels), 'random_start',
+    'clip_iterates' (attacks.pgd)}. The
+    reference's is PGD-20 with step 2 eps / 20 from a random start; FGSM is one step of eps from
+    the clean image (Goodfellow et al. 2015; Tsilivis & Kempe's adv_train1)."""
+    eps = cli.eps_from_255(args.eps)
+    if args.train_attack == "fgsm":
+        return {"steps": 1, "step_size": eps, "random_start": False, "clip_iterates": True}
+    step = 2 * eps / args.train_steps if args.train_step_size is None else cli.eps_from_255(args.train_step_size)
+    return {"steps": args.train_steps, "step_size": step, "random_start": not args.no_train_random_start,
+            "clip_iterates": not args.clip_at_end}
+
+
+def training_record(args):
+    """How the run trains, beyond --loaders: kept in every checkpoint's meta."""
+    return {"optimizer": "sgd", "lr": args.lr, "momentum": args.momentum, "lr_schedule": args.lr_schedule,
+            "adv_only": bool(args.adv_only), "eps": cli.eps_from_255(args.eps), "attack": args.train_attack,
+            **train_attack(args)}
+
+
+def adversarial_batch(exp, state, theta0, xb, yb, dynamics, key):
+    """The training attack's examples of a batch against the current model (BatchNorm in
+    inference mode): L-inf PGD on the cross-entropy, sign steps, clipped to the eps-ball and
+    [0, 1] after each (attacks.pgd)."""
+    a = exp.attack
+    return attacks.pgd(exp.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, key, exp.eps,
+                       a["step_size"], steps=a["steps"], random_start=a["random_start"],
+                       clip_iterates=a["clip_iterates"])
+
+
 def batch_update(exp, state, theta0, xb, yb, dynamics, is_training, attack_key):
-    """One clean step, and with `attack_key` (adversarial loader), as the reference: PGD
-    against the just-updated model (BatchNorm in inference mode), then a second step on
-    those examples. Returns (state, [metrics of each step])."""
+    """One clean step, and with `attack_key` (adversarial loader), as the reference: the
+    training attack against the just-updated model, then a second step on its examples; with
+    --adv_only, only the step on the examples (made against the model before the batch).
+    Returns (state, [metrics of each step])."""
     step = exp.train_step(dynamics, is_training)
-    state, m = step(state, theta0, xb, yb)
-    outs = [m]
+    outs = []
+    if attack_key is None or not exp.args.adv_only:
+        state, m = step(state, theta0, xb, yb)
+        outs.append(m)
     if attack_key is not None:
-        x_adv = attacks.pgd(exp.predict(dynamics), (state.params, theta0, state.net_state), xb, yb, attack_key,
-                            exp.eps, 2 * exp.eps / 20, steps=20)
+        x_adv = adversarial_batch(exp, state, theta0, xb, yb, dynamics, attack_key)
         state, m = step(state, theta0, x_adv, yb)
         outs.append(m)
     return state, outs
@@ -246,13 +285,13 @@ def initial_state(exp):
                "standard_second": bool(exp.args.do_standard_second)}
     progress = {"phase": 1, "epoch": 0, "fractions_done": [], "results": results}
     params, net_state = exp.init_params, exp.init_state
-    state = train.TrainState(params, net_state, train.make_optimizer(exp.args.lr).init(params), jnp.zeros((), jnp.int32))
+    state = train.TrainState(params, net_state, exp.optimizer(exp.args.lr).init(params), jnp.zeros((), jnp.int32))
     if resume is None:
         return state, None, progress
     progress = resume["progress"]
     template = state
     if progress["phase"] == 2 and fresh_phase2_optimizer(exp):
-        template = state._replace(opt_state=train.make_optimizer(exp.args.second_lr).init(params))
+        template = state._replace(opt_state=exp.optimizer(exp.args.second_lr).init(params))
     state = _unflatten(template, resume["state"])
     theta0 = None if resume["theta0"] is None else _unflatten(params, resume["theta0"])
     return state, theta0, progress
@@ -270,7 +309,7 @@ def run_phase1(exp, state, progress):
 
     for epoch in range(progress["epoch"], n_epochs):
         save(f"parameters_checkpoint_{epoch}.pkl", state, epoch)
-        state = state._replace(opt_state=train.set_lr(state.opt_state, train.phase1_lr(epoch, a.lr)))
+        state = state._replace(opt_state=train.set_lr(state.opt_state, train.phase1_lr(epoch, a.lr, a.lr_schedule)))
         adversarial = loader_is_adversarial(a.loaders[0], epoch, a.flip_epoch)
 
         def on_batch(i, n, st, epoch=epoch):
@@ -294,7 +333,7 @@ def run_phase1(exp, state, progress):
     # Phase 2 starts from here: theta0 is the phase-1 result, theta starts as its copy.
     theta0 = state.params
     if fresh_phase2_optimizer(exp):
-        state = state._replace(opt_state=train.make_optimizer(a.second_lr).init(state.params))
+        state = state._replace(opt_state=exp.optimizer(a.second_lr).init(state.params))
     progress.update(phase=2, epoch=0)
     save_resume(exp, progress, state, theta0)
     return state, theta0

@@ -14,6 +14,7 @@ import json
 import os
 import shlex
 
+import cli
 from utils import UserError
 
 # ======================================================================================
@@ -73,12 +74,32 @@ class Cell:
         return {"name": self.name, "script": self.script, "argv": self.argv, "dir": self.dir}
 
 
+def data_flags(grid):
+    """--data_dir of a cell's command, unless the experiment's dataset is the bundled digits."""
+    return [] if grid["dataset"] == "digits" else ["--data_dir", grid["data_dir"]]
+
+
+def add_execution_args(g, first_cells, cell_example):
+    """The flags of an experiment's execution (grid_scheduler.run_experiment): --jobs,
+    --print_commands, --cell, --report_only, --no_progress."""
+    g.add_argument("--jobs", type=int, default=1,
+                   help="cells run at once: 1 runs them in this process; N > 1 in N worker processes, each "
+                        "pinned to its share of the CPUs (as taskset), so XLA's thread pools split the cores")
+    g.add_argument("--print_commands", action="store_true",
+                   help=f"print one shell command per cell ({first_cells} first) and the report's command, and run "
+                        f"nothing: for a job array or GNU parallel. Run them from this directory")
+    g.add_argument("--cell", default=None,
+                   help=f"run only this cell (a name printed by --print_commands, e.g. {cell_example}), skipped if "
+                        f"complete")
+    g.add_argument("--report_only", action="store_true",
+                   help="run nothing: write the report from the cells complete so far")
+    cli.add_no_progress(g)
+
+
 def run_exp_common(grid, seed):
-    argv = ["--dataset", grid["dataset"], "--model", grid["model"], "--width", str(grid["width"]),
+    argv = ["--dataset", grid["dataset"], *data_flags(grid), "--model", grid["model"], "--width", str(grid["width"]),
             "--eps", f"{grid['eps']:g}", "--pgd_eval_steps", str(grid["pgd_eval_steps"]),
             "--batch_size", str(grid["batch_size"])]
-    if grid["dataset"] != "digits":
-        argv += ["--data_dir", grid["data_dir"]]
     for key in ("train_size", "test_size"):
         if grid[key] is not None:
             argv += [f"--{key}", str(grid[key])]
@@ -111,9 +132,7 @@ def make_cells(grid):
                                        [name], out, phase1=k1, phase2=k2, epoch=e, seed=seed))
         name = f"dynamics/s{seed}"
         argv = ["dynamics", "--runs", runs["CC"], runs["AC"], "--labels", "CC", "AC",
-                "--dataset_size", str(grid["dynamics_size"]), "--random_seed", str(seed)]
-        if grid["dataset"] != "digits":
-            argv += ["--data_dir", grid["data_dir"]]
+                "--dataset_size", str(grid["dynamics_size"]), "--random_seed", str(seed), *data_flags(grid)]
         dynamics.append(Cell(name, "dynamics", "analyze_ntk", argv + ["--out_dir", os.path.join(out, name),
                                                                       "--no_progress"],
                              [f"phase1/CC_s{seed}", f"phase1/AC_s{seed}"], out, seed=seed))
@@ -135,9 +154,24 @@ def grid_flags(grid, jobs=None):
         if key in ("train_size", "test_size") and value is None:
             value = 0
         argv += [f"--{key}", f"{value:g}" if isinstance(value, float) else str(value)]
-    if grid["dataset"] != "digits":
-        argv += ["--data_dir", grid["data_dir"]]
-    return argv
+    return argv + data_flags(grid)
+
+
+def check_data(grid, sizes, on_disk=True):
+    """The dataset of `grid` (its 'dataset', 'data_dir') is on disk (an experiment never
+    downloads: many cells would race for it; not checked without `on_disk`), and the image
+    counts `sizes` ({flag: count or None}) divide by its classes."""
+    import data
+    folder, missing = data.missing_files(grid["dataset"], grid["data_dir"])
+    if missing and on_disk:
+        raise UserError(f"--data_dir {grid['data_dir']} holds no {grid['dataset']} ({folder} lacks "
+                        f"{', '.join(missing)}): put the files there first (run_exp.py --dataset {grid['dataset']} "
+                        f"--data_dir {grid['data_dir']} downloads them)")
+    n_classes = data.num_classes_of(grid["dataset"])
+    for flag, size in sizes.items():
+        if size and size % n_classes:
+            raise UserError(f"--{flag} {size} is not divisible by the number of classes ({n_classes}) of "
+                            f"{grid['dataset']}")
 
 
 def script_path(script="kernel_epoch_grid.py"):
@@ -160,7 +194,7 @@ def print_cell_commands(base, cells, stages):
     for prefix, words in stages:
         print(f"# {words}")
         for c in cells:
-            if c.name.startswith(prefix + "/"):
+            if c.name == prefix or c.name.startswith(prefix + "/"):
                 print(shlex.join(base + ["--no_progress", "--cell", c.name]))
     print("# the report, once every cell is complete")
     print(shlex.join(base + ["--report_only"]))

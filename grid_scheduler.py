@@ -23,7 +23,8 @@ from utils import UserError
 # Relative cost of each kind of cell, for longest-first scheduling among ready cells (kernel_epoch_grid.py's
 # cells, then tk_experiment.py's, whose cells also carry their architecture's weight in coords['weight']).
 COST = {"phase1:AC": 100, "phase2:CA": 30, "dynamics": 20, "phase1:CC": 15, "phase2:CC": 10,
-        "tk:features": 20, "tk:attack_pgd": 12, "tk:attack_fgsm": 2, "tk:finite": 10, "tk:motion": 5}
+        "tk:features": 20, "tk:attack_pgd": 12, "tk:attack_fgsm": 2, "tk:finite": 10, "tk:motion": 5,
+        "tk:train": 10, "tk:full_dynamics": 10}
 
 
 # ======================================================================================
@@ -341,6 +342,10 @@ def _stop_workers(pool, grace=20):
         w.join(max(deadline - time.time(), 0))
         if w.is_alive():
             w.terminate()
+            w.join()
+    # With every worker gone, wait for the pool's management thread, so that its queues (and their
+    # semaphores) are released before this process exits: no "leaked semaphore" warning.
+    pool.shutdown(wait=True)
 
 
 def summary_line(cell, st):

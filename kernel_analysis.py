@@ -3,9 +3,11 @@
 Three groups, all free of file I/O and of any particular network:
 
 * **Kernel motion** across checkpoints: the kernel distance d(K1, K2), the polar dynamics of
-  a sequence of kernels against the first one (also restricted to the top-k / bottom-k
-  eigenspaces), the fraction of eigenvalue mass in the top k eigenvalues, and all of these for
-  one run's checkpoints (`kernel_motion`).
+  a sequence of kernels against the first one (also restricted to the top-k eigenspace and to
+  the bottom-k one, or with bottom='rest' to all but the top k: Tsilivis & Kempe's top 20 and
+  bottom 2480 of a 2500 x 2500 full NTK), the fraction of eigenvalue mass in the top k
+  eigenvalues, and all of these for one run's checkpoints (`kernel_motion`, one eigendecomposition
+  per kernel).
 * **Kernel predictor and eigen-features**: f(x) = K(x,X) (K(X,X) + r I)^-1 Y and its
   decomposition f = sum_i f_i along the eigenvectors of K(X,X).
 * **Training-free attacks** on the kernel predictor (FGSM, PGD), for any differentiable
@@ -54,11 +56,15 @@ def kernel_distance(k1, k2):
 
 
 def distance_matrix(kernels):
-    """[T, T] matrix of d(K_s, K_t) for a list of T kernels (symmetric, zero diagonal)."""
+    """[T, T] matrix of d(K_s, K_t) for a list of T kernels (symmetric, zero diagonal). The
+    Frobenius inner products are taken pair by pair: no copy of the T kernels is made."""
     t = len(kernels)
-    flat = np.stack([np.asarray(k, np.float64).ravel() for k in kernels])  # [T, n*n]
-    norms = np.linalg.norm(flat, axis=1)
-    gram = flat @ flat.T
+    flat = [np.asarray(k, np.float64).ravel() for k in kernels]  # views of contiguous kernels
+    gram = np.empty((t, t))
+    for s_ in range(t):
+        for u in range(s_, t):
+            gram[s_, u] = gram[u, s_] = np.dot(flat[s_], flat[u])
+    norms = np.sqrt(np.diag(gram))
     denom = np.outer(norms, norms)
     sim = np.divide(gram, denom, out=np.zeros_like(gram), where=denom > 0)
     d = 1.0 - np.clip(sim, -1.0, 1.0)
@@ -91,20 +97,69 @@ def eigen_solve(evals, evecs, targets, shift=0.0):
     return coefs, evecs @ coefs
 
 
-def eigenspace_part(k, k_count, which="top"):
-    """The rank-k part of K on its own top-k (largest) or bottom-k (smallest) eigenvalues:
-    U_k diag(lambda_k) U_k^T [n, n]. `which` is 'top', 'bottom' or 'full' (K itself)."""
-    if which == "full":
-        return np.asarray(k, np.float64)
-    if which not in ("top", "bottom"):
-        raise ValueError(f"which must be 'top', 'bottom' or 'full' (got {which!r})")
-    evals, evecs = eigh_desc(k)
-    n = len(evals)
+# The bottom eigenspace of the motion analysis: 'k', the k smallest eigenvalues; 'rest', all but
+# the k largest (Tsilivis & Kempe: top 20 and bottom 2480 of 2500).
+BOTTOMS = ("k", "rest")
+
+
+def _check_count(k_count, n, rest=False):
+    if rest and not 1 <= k_count < n:
+        raise ValueError(f"k must be in [1, {n - 1}] so that a rest remains (got {k_count})")
     if not 1 <= k_count <= n:
         raise ValueError(f"k must be in [1, {n}] (got {k_count})")
-    sel = slice(0, k_count) if which == "top" else slice(n - k_count, n)
+
+
+def _parts(k, evals, evecs, k_count, bottom):
+    """(top, bottom) parts of K from its `eigh_desc` (evals, evecs): U_k diag(l_k) U_k^T on the k
+    largest eigenvalues, and on the k smallest (bottom 'k') or the symmetric part of K minus the
+    top part (bottom 'rest': K on all its other eigenvalues)."""
+    n = len(evals)
+    _check_count(k_count, n, bottom == "rest")
+    u = evecs[:, 0:k_count]
+    top = (u * evals[0:k_count]) @ u.T
+    if bottom == "rest":
+        k = np.asarray(k, np.float64)
+        return top, 0.5 * (k + k.T) - top
+    sel = slice(n - k_count, n)
     u = evecs[:, sel]
-    return (u * evals[sel]) @ u.T
+    return top, (u * evals[sel]) @ u.T
+
+
+def eigenspace_part(k, k_count, which="top"):
+    """The part of K on its own top-k (largest) or bottom-k (smallest) eigenvalues:
+    U_k diag(lambda_k) U_k^T [n, n]. `which` is 'top', 'bottom', 'rest' (K on all but its k
+    largest eigenvalues: K's symmetric part minus its top-k part) or 'full' (K itself)."""
+    if which == "full":
+        return np.asarray(k, np.float64)
+    if which not in ("top", "bottom", "rest"):
+        raise ValueError(f"which must be 'top', 'bottom', 'rest' or 'full' (got {which!r})")
+    evals, evecs = eigh_desc(k)
+    top, bottom = _parts(k, evals, evecs, k_count, "k" if which == "bottom" else "rest")
+    if which == "top":
+        return top
+    return bottom
+
+
+class _PolarTrack:
+    """`polar_dynamics` of kernels fed one at a time (`add`), holding only K_0."""
+
+    def __init__(self):
+        self.k0, self.dist, self.angle = None, [], []
+
+    def add(self, k):
+        k = np.asarray(k, np.float64)
+        if self.k0 is None:
+            self.k0 = k
+        self.dist.append(np.linalg.norm(k - self.k0))
+        self.angle.append(np.arccos(kernel_similarity(k, self.k0)))
+
+    def result(self):
+        dist = np.array(self.dist)
+        final = dist[-1]
+        radius = dist / final if final > 0 else np.zeros_like(dist)
+        angle = np.array(self.angle)
+        angle[0] = 0.0  # arccos(1 - rounding) would otherwise be ~1e-8
+        return {"radius": radius.tolist(), "angle": angle.tolist(), "final_distance": float(final)}
 
 
 def polar_dynamics(kernels):
@@ -115,23 +170,38 @@ def polar_dynamics(kernels):
 
     Returns a dict of float lists 'radius', 'angle' (length T+1) and 'final_distance'
     ||K_T - K_0||_F."""
-    ks = [np.asarray(k, np.float64) for k in kernels]
-    k0 = ks[0]
-    dist = np.array([np.linalg.norm(k - k0) for k in ks])
-    final = dist[-1]
-    radius = dist / final if final > 0 else np.zeros_like(dist)
-    angle = np.array([np.arccos(kernel_similarity(k, k0)) for k in ks])
-    angle[0] = 0.0  # arccos(1 - rounding) would otherwise be ~1e-8
-    return {"radius": radius.tolist(), "angle": angle.tolist(), "final_distance": float(final)}
+    track = _PolarTrack()
+    for k in kernels:
+        track.add(k)
+    return track.result()
 
 
-def eigenspace_polar_dynamics(kernels, k_count):
-    """`polar_dynamics` of the full kernels, of their top-k parts and of their bottom-k parts.
+def _eigen_motion(kernels, k_count, bottom="k"):
+    """({'full', 'top', 'bottom'}: polar dynamics, [descending spectrum of each K_t]) with ONE
+    eigendecomposition per kernel; the parts of K_t are made, used and dropped one kernel at a
+    time (only K_0's are held)."""
+    if bottom not in BOTTOMS:
+        raise ValueError(f"bottom must be one of {', '.join(BOTTOMS)} (got {bottom!r})")
+    tracks = {which: _PolarTrack() for which in ("full", "top", "bottom")}
+    spectra = []
+    for kernel in kernels:
+        evals, evecs = eigh_desc(kernel)
+        top, low = _parts(kernel, evals, evecs, k_count, bottom)
+        del evecs
+        tracks["full"].add(kernel)
+        tracks["top"].add(top)
+        tracks["bottom"].add(low)
+        spectra.append(evals)
+    return {which: track.result() for which, track in tracks.items()}, spectra
+
+
+def eigenspace_polar_dynamics(kernels, k_count, bottom="k"):
+    """`polar_dynamics` of the full kernels, of their top-k parts and of their bottom parts: the
+    bottom-k eigenspace (bottom 'k') or all but the top k (bottom 'rest', Tsilivis & Kempe's).
 
     Each K_t is truncated on ITS OWN eigenvectors (so a rotation of the eigenspace counts as
     motion). Returns {'full': ..., 'top': ..., 'bottom': ...}."""
-    return {which: polar_dynamics([eigenspace_part(k, k_count, which) for k in kernels])
-            for which in ("full", "top", "bottom")}
+    return _eigen_motion(kernels, k_count, bottom)[0]
 
 
 def eigenvalue_mass(evals, k_count):
@@ -155,15 +225,26 @@ MOTION_DEFINITIONS = {
     "top/bottom": "K_t restricted to its own k largest / smallest eigenvalues (U_k diag(l_k) U_k^T)",
     "mass_topm": "sum_{i<=m} l_i^2 / sum_i l_i^2",
     "velocity": "d(K_{t-1}, K_t) / (epoch_t - epoch_{t-1})"}
+# The "top/bottom" definition with bottom 'rest'.
+REST_DEFINITION = ("top: K_t restricted to its own k largest eigenvalues (U_k diag(l_k) U_k^T); bottom: K_t on all "
+                   "its other n - k eigenvalues (K_t minus its top part; Tsilivis & Kempe's bottom space)")
 
 
-def kernel_motion(epochs, kernels, k_count):
+def motion_definitions(bottom="k"):
+    """MOTION_DEFINITIONS for `kernel_motion`'s `bottom` ('k' or 'rest')."""
+    return {**MOTION_DEFINITIONS, **({"top/bottom": REST_DEFINITION} if bottom == "rest" else {})}
+
+
+def kernel_motion(epochs, kernels, k_count, bottom="k"):
     """Every number of one run's kernels K_t at `epochs` (increasing), as JSON-ready lists:
     'distance_matrix' d(K_s, K_t), 'distance_to_init' d(K_0, K_t), 'velocity'
     d(K_{t-1}, K_t) / (epoch_t - epoch_{t-1}) (None at t = 0 and for repeated epochs), 'polar'
-    (`eigenspace_polar_dynamics` with k = k_count), 'mass' (top-m eigenvalue mass for m in
-    MASS_KS), 'frobenius_norm', 'trace' and 'eigenvalues_top' (the max(MASS_KS) largest)."""
-    spectra = [eigh_desc(kernel)[0] for kernel in kernels]
+    (`eigenspace_polar_dynamics` with k = k_count and `bottom`: 'k', the bottom-k eigenspace, or
+    'rest', all but the top k), 'eigenspaces' (size n, top_count, bottom, bottom_count), 'mass'
+    (top-m eigenvalue mass for m in MASS_KS), 'frobenius_norm', 'trace' and 'eigenvalues_top'
+    (the max(MASS_KS) largest). One eigendecomposition per kernel."""
+    polar, spectra = _eigen_motion(kernels, k_count, bottom)
+    n = len(spectra[0])
     dist = distance_matrix(kernels)
     velocity = [None] + [float(dist[t - 1, t] / (epochs[t] - epochs[t - 1])) if epochs[t] > epochs[t - 1] else None
                          for t in range(1, len(epochs))]
@@ -172,7 +253,9 @@ def kernel_motion(epochs, kernels, k_count):
         "distance_matrix": dist.tolist(),
         "distance_to_init": dist[0].tolist(),
         "velocity": velocity,
-        "polar": eigenspace_polar_dynamics(kernels, k_count),
+        "polar": polar,
+        "eigenspaces": {"size": n, "top_count": int(k_count), "bottom": bottom,
+                        "bottom_count": int(n - k_count if bottom == "rest" else k_count)},
         "mass": {f"top{m}": [eigenvalue_mass(spectrum, m) for spectrum in spectra] for m in MASS_KS},
         "frobenius_norm": [float(np.linalg.norm(kernel)) for kernel in kernels],
         "trace": [float(np.trace(kernel)) for kernel in kernels],

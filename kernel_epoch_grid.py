@@ -24,12 +24,11 @@ grid_scheduler.py (running the cells, in this process or in worker processes) an
 from __future__ import annotations
 
 import math
-import os
 import shlex
 
 import cli
 import utils
-from grid_cells import PRESETS, SETTINGS, epoch_name, grid_flags, make_cells, print_commands, script_path
+from grid_cells import PRESETS, SETTINGS, add_execution_args, check_data, epoch_name, grid_flags, make_cells, print_commands, script_path
 from grid_report import write_report
 from grid_scheduler import run_experiment
 from utils import UserError
@@ -82,18 +81,7 @@ def build_parser():
     g.add_argument("--dynamics_size", type=int, default=None,
                    help="training images of the kernels of analyze_ntk.py dynamics (analyze_ntk --dataset_size)")
     g = p.add_argument_group("execution")
-    g.add_argument("--jobs", type=int, default=1,
-                   help="cells run at once: 1 runs them in this process; N > 1 in N worker processes, each "
-                        "pinned to its share of the CPUs (as taskset), so XLA's thread pools split the cores")
-    g.add_argument("--print_commands", action="store_true",
-                   help="print one shell command per cell (phase-1 runs first) and the report's command, and run "
-                        "nothing: for a job array or GNU parallel. Run them from this directory")
-    g.add_argument("--cell", default=None,
-                   help="run only this cell (a name printed by --print_commands, e.g. phase2/AC_s0/e2_CA), "
-                        "skipped if complete")
-    g.add_argument("--report_only", action="store_true",
-                   help="run nothing: write the report from the cells complete so far")
-    cli.add_no_progress(g)
+    add_execution_args(g, "phase-1 runs", "phase2/AC_s0/e2_CA")
     return p
 
 
@@ -128,7 +116,7 @@ def resolve(args):
     grid["kernel_epochs"] = sorted({float(e) for e in grid["kernel_epochs"]})
     grid["seeds"] = sorted(set(grid["seeds"]))
     check_kernel_epochs(grid["kernel_epochs"], grid["phase1_epochs"])
-    check_data(grid)
+    check_data(grid, {key: grid[key] for key in ("train_size", "test_size", "dynamics_size")})
     return grid
 
 
@@ -145,25 +133,6 @@ def check_kernel_epochs(epochs, phase1_epochs):
             fractions = ", ".join(epoch_name(f) for f in saved if f != int(f))
             raise UserError(f"--kernel_epochs {epoch_name(e)}: phase 1 of {phase1_epochs} epochs saves no checkpoint "
                             f"at that epoch; choose integers 0..{phase1_epochs} or one of {fractions}")
-
-
-def check_data(grid):
-    """The dataset is on disk (the grid never downloads: many cells would race for it), and the
-    subsets and the kernel image count fit it."""
-    import data
-    if grid["dataset"] in data.CIFAR:
-        spec = data.CIFAR[grid["dataset"]]
-        folder = os.path.join(grid["data_dir"], spec.folder)
-        missing = [f for f, _ in spec.train + spec.test if not os.path.isfile(os.path.join(folder, f))]
-        if missing:
-            raise UserError(f"--data_dir {grid['data_dir']} holds no {grid['dataset']} ({folder} lacks "
-                            f"{', '.join(missing)}): put the files there first (run_exp.py --dataset {grid['dataset']} "
-                            f"--data_dir {grid['data_dir']} downloads them)")
-    n_classes = data.num_classes_of(grid["dataset"])
-    for key in ("train_size", "test_size", "dynamics_size"):
-        if grid[key] is not None and grid[key] % n_classes:
-            raise UserError(f"--{key} {grid[key]} is not divisible by the number of classes ({n_classes}) of "
-                            f"{grid['dataset']}")
 
 
 def run(args):

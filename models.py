@@ -164,6 +164,47 @@ def get_model(name, num_classes, width=64, **architecture):
     return transformed.init, transformed.apply
 
 
+# Flax's 2x2 stride-2 pools (window and strides over H, W; any leading axes are batch axes).
+_POOL = ((2, 2, 1), (2, 2, 1), "VALID")
+
+
+def _tk_cnn(num_classes, width):
+    """Tsilivis & Kempe's `CNN` (robust_train_CNN.py, Flax): Conv(w) ReLU AvgPool, Conv(2w) ReLU
+    AvgPool, Dense(8w) ReLU, Dense; w = 32 is theirs (256 hidden units). 3x3 SAME convolutions
+    with biases, 2x2 stride-2 pools, Haiku's default init (LeCun normal, zero biases), which is
+    Flax's."""
+    def net(x, is_training):
+        del is_training
+        for channels in (width, 2 * width):
+            x = hk.avg_pool(jax.nn.relu(hk.Conv2D(channels, 3)(x)), *_POOL)
+        x = jax.nn.relu(hk.Linear(8 * width)(hk.Flatten()(x)))
+        return hk.Linear(num_classes)(x)
+    return net
+
+
+def _tk_cnn_mega(num_classes, width):
+    """Tsilivis & Kempe's `CNN_mega`, the network of their training experiment: Conv(w) Conv(w)
+    MaxPool, Conv(2w) Conv(2w), Conv(4w) Conv(4w), AvgPool, Dense; every conv 3x3 SAME with
+    bias and ReLU, pools 2x2 stride 2; w = 32 is theirs. Init as `_tk_cnn`."""
+    def net(x, is_training):
+        del is_training
+        for i, channels in enumerate((width, width, 2 * width, 2 * width, 4 * width, 4 * width)):
+            x = jax.nn.relu(hk.Conv2D(channels, 3)(x))
+            if i == 1:
+                x = hk.max_pool(x, *_POOL)
+        x = hk.avg_pool(x, *_POOL)
+        return hk.Linear(num_classes)(hk.Flatten()(x))
+    return net
+
+
+# The width of each network when neither the flags nor a checkpoint name one.
+DEFAULT_WIDTHS = {"cnn": 32, "cnn_mega": 32}
+
+
+def default_width(name):
+    return DEFAULT_WIDTHS.get(name, 64)
+
+
 def _resnet18(num_classes, width):
     def net(x, is_training):
         return ResNet18(num_classes, width)(x, is_training)
@@ -178,6 +219,8 @@ NETWORKS = {
     "mlp_skinny": lambda num_classes, width: _mlp((256, 256), num_classes),
     "mlp_wide": lambda num_classes, width: _mlp((2048, 2048), num_classes),
     "linear": lambda num_classes, width: _mlp((), num_classes),
+    "cnn": _tk_cnn,
+    "cnn_mega": _tk_cnn_mega,
     **{arch: _tk_network(arch) for arch in infinite.ARCHITECTURES},
 }
 # The networks that take depth, W_std, b_std and parameterization.

@@ -2,9 +2,14 @@
 
     K[i, j] = < d f_c(x_i) / d theta , d f_c(x_j) / d theta >          (one logit c)
     K[i, j] = 1/C sum_c < d f_c(x_i) / d theta , d f_c(x_j) / d theta > (class_index None or -1)
+    K[i, j, c, c'] = < d f_c(x_i) / d theta , d f_c'(x_j) / d theta >   (full=True: every class pair)
 
 The second is neural-tangents' default trace over the output axis divided by the number of
-outputs, which the reference's `calculate_kernel.py --class_index -1` used.
+outputs, which the reference's `calculate_kernel.py --class_index -1` used. The third is the full
+empirical NTK (neural-tangents' `trace_axes=()`), [n1, n2, C, C] with no division by C: its
+class-diagonal blocks K[:, :, c, c] are the first kernel of each class c, the mean of those blocks
+the second. `full_matrix` arranges it as the [C n1, C n2] class-major matrix Tsilivis & Kempe
+analyse.
 
 How it is computed
 ------------------
@@ -30,6 +35,11 @@ This engine instead:
 3. Contracts rows in blocks of several chunks: as many blocks as fit in `memory_gb` are held
    (a "panel") while later blocks stream past them, so with a large enough budget every
    gradient is computed exactly once, and with a small one the result is the same, just slower.
+
+The full kernel (full=True) takes every layer in the direct form: each image's row holds the
+C * P floats of its C logits' gradients, laid out class-major ([C, P] flattened: the same layout
+the other kernels use, whose plain inner product sums over the classes), and `full_gram`
+contracts two sets of rows into all C x C class pairs.
 
 Other callables `f(params, x)` (not `NetFn`) take the generic path: per-example gradients of
 all leaves by `vmap(jacrev)`, contracted the same way.
@@ -196,16 +206,19 @@ def _patches(x, layer):
 def make_rows_fn(f, classes, layers):
     """`rows(params, x [b, ...]) -> (dense [b, k*P_dense], blocks)`, the per-example gradients.
 
-    `dense` holds the flattened gradients of the generic leaves and of the direct layers;
-    `blocks` holds, per structured layer, (patches [b, S, p], cotangents [b, S, k*o]).
-    k = len(classes); the class axis is folded into the features, so a plain inner product of
-    rows sums over the classes. Not jitted: callers jit it or differentiate through it."""
+    `dense` holds the flattened gradients of the generic leaves and of the direct layers, laid
+    out class-major: dense.reshape(b, k, P_dense)[:, i] is logit classes[i]'s gradient (what
+    `full_gram` reads); `blocks` holds, per structured layer, (patches [b, S, p], cotangents
+    [b, S, k*o]). k = len(classes); the class axis is folded into the features, so a plain inner
+    product of rows sums over the classes. Not jitted: callers jit it or differentiate through it."""
     classes = jnp.asarray(classes)
     k = len(classes)
 
-    def flat(tree, b):
-        leaves = jax.tree_util.tree_leaves(tree)
-        return [leaf.reshape(b, -1) for leaf in leaves]
+    def flat(tree, b):  # leaves [b, k, ...] -> [b, k, size]
+        return [leaf.reshape(b, k, -1) for leaf in jax.tree_util.tree_leaves(tree)]
+
+    def join(parts, b, dtype):  # [b, k, P_1], [b, k, P_2], ... -> [b, k * (P_1 + P_2 + ...)], class-major
+        return jnp.concatenate(parts, 2).reshape(b, -1) if parts else jnp.zeros((b, 0), dtype)
 
     if not layers:
         def logits_of_one(params, x):
@@ -213,7 +226,7 @@ def make_rows_fn(f, classes, layers):
 
         def rows(params, x):
             jac = jax.vmap(jax.jacrev(logits_of_one), (None, 0))(params, x)  # leaves [b, k, ...]
-            return jnp.concatenate(flat(jac, x.shape[0]), 1), ()
+            return join(flat(jac, x.shape[0]), x.shape[0], x.dtype), ()
         return rows
 
     by_name = {layer.name: layer for layer in layers}
@@ -247,11 +260,10 @@ def make_rows_fn(f, classes, layers):
                 blocks.append((a, g.transpose(0, 2, 1, 3).reshape(b, layer.positions, k * layer.fan_out)))
             else:
                 w = jnp.einsum("bsp,bkso->bkpo", a, g, precision=jax.lax.Precision.HIGHEST)
-                dense.append(w.reshape(b, -1))
+                dense.append(w.reshape(b, k, -1))
             if layer.has_bias:
-                dense.append(g.sum(2).reshape(b, -1))
-        dense = jnp.concatenate(dense, 1) if dense else jnp.zeros((b, 0), x.dtype)
-        return dense, tuple(blocks)
+                dense.append(g.sum(2))                                             # [b, k, o]
+        return join(dense, b, x.dtype), tuple(blocks)
 
     return rows
 
@@ -269,6 +281,31 @@ def gram(rows1, rows2):
     # Measured on XLA:CPU: without the barrier, the dense dot gets fused with the sums above
     # into a naive loop more than 10x slower than its matmul library.
     return k + jax.lax.optimization_barrier(jnp.matmul(d1, d2.T, precision=hi))
+
+
+def full_gram(rows1, rows2, k):
+    """Every class pair of the gradient inner products of two sets of rows of k logits (dense
+    rows only: the full kernel takes every layer in the direct form): [b1, b2, k, k] float32,
+    entry [i, j, a, c] = <gradient of logit a at x_i, gradient of logit c at x_j>."""
+    (d1, blocks1), (d2, blocks2) = rows1, rows2
+    if blocks1 or blocks2:
+        raise ValueError("the full kernel needs every layer in the direct form (no structured layers)")
+    n1, n2 = d1.shape[0], d2.shape[0]
+    kk = jnp.matmul(d1.reshape(n1 * k, -1), d2.reshape(n2 * k, -1).T, precision=jax.lax.Precision.HIGHEST)
+    return kk.reshape(n1, k, n2, k).transpose(0, 2, 1, 3)
+
+
+def full_matrix(kernel):
+    """The full kernel K [n1, n2, C, C] (`empirical_ntk(..., full=True)`) as the class-major
+    [C n1, C n2] matrix M[a n1 + p, b n2 + q] = K[p, q, a, b]: C x C blocks of [n1, n2], block
+    (a, b) pairing logit a at x1 with logit b at x2. For a symmetric K(X, X) (K[p, q, a, b] =
+    K[q, p, b, a]) this is exactly Tsilivis & Kempe's `K.transpose([3, 1, 2, 0]).reshape(C n, C n)`,
+    a symmetric PSD matrix (for a cross kernel their expression gives this matrix's transpose)."""
+    k = np.asarray(kernel)
+    if k.ndim != 4 or k.shape[2] != k.shape[3]:
+        raise ValueError(f"a full kernel is [n1, n2, C, C]; got shape {k.shape}")
+    n1, n2, c, _ = k.shape
+    return np.ascontiguousarray(k.transpose(2, 0, 3, 1)).reshape(c * n1, c * n2)
 
 
 def _row_floats(layers, dense_leaf_sizes, k):
@@ -298,20 +335,37 @@ class Plan(NamedTuple):
     chunk: int             # examples per jitted gradient call
     block: int             # rows per contraction block (a multiple of chunk)
     panel_blocks: int      # blocks whose rows are held at once
+    full: bool = False     # every class pair: blocks of [block, block, k, k]
+
+
+def check_full(class_index, method):
+    """The method a full kernel (every class pair) is computed with: 'auto' becomes 'direct'
+    (the only form of a layer whose rows keep each logit's gradient apart); a class_index other
+    than None/-1 or method 'structured' is a ValueError."""
+    if class_index is not None and class_index != -1:
+        raise ValueError(f"the full kernel covers every class pair: class_index must be None or -1, got {class_index}")
+    if method == "structured":
+        raise ValueError("the full kernel takes every layer in the direct form: use method 'auto', 'direct' or "
+                         "'jacobian', not 'structured'")
+    return "direct" if method == "auto" else method
 
 
 def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=DEFAULT_MEMORY_GB,
-              method="auto", n=None, devices=1):
+              method="auto", n=None, devices=1, full=False):
     """Choose the layer forms, chunk size and panel size for a budget of `memory_gb` GiB.
 
     With `devices` > 1 (data parallel, see parallel.py) a chunk's examples are split over the
     devices: the cap MAX_CHUNK applies per device, and the chunk is rounded up to a multiple
     of `devices` (so it may exceed the budget by at most devices - 1 examples). `memory_gb`
-    stays the total over all devices."""
+    stays the total over all devices. `full`: the plan of the full kernel (`check_full`: all
+    classes, every layer direct); its rows are the same k*P floats per image, and its [block,
+    block, k, k] contraction outputs are counted with the streaming block."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if memory_gb <= 0:
         raise ValueError(f"memory_gb must be > 0, got {memory_gb}")
+    if full:
+        method = check_full(class_index, method)
     k = len(classes_of(class_index, num_classes))
     layers = discover_layers(f, params, input_shape, k, method)
     other, _ = _split(params, layers) if layers else (params, None)
@@ -329,6 +383,10 @@ def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=D
     per_block = int(max(1, min(BLOCK_ROWS // chunk, rest // (2 * chunk * row))))
     if n is not None:
         per_block = min(per_block, -(-n // chunk))
+    if full:  # a pair of blocks contracts into [block, block, k, k] floats: keep it within the streaming share
+        while per_block > 1 and 2 * per_block * chunk * row + (per_block * chunk * k) ** 2 > rest:
+            per_block -= 1
+        rest -= (per_block * chunk * k) ** 2
     block = per_block * chunk
     panel_blocks = int(rest // (block * row))
     if n is None or panel_blocks * block < n:
@@ -336,13 +394,14 @@ def make_plan(f, params, input_shape, num_classes, class_index=None, memory_gb=D
     panel_blocks = max(1, panel_blocks)
     if n is not None:
         panel_blocks = min(panel_blocks, -(-n // block))
-    return Plan(method, k, layers, row, chunk, block, panel_blocks)
+    return Plan(method, k, layers, row, chunk, block, panel_blocks, bool(full))
 
 
 def describe_plan(plan):
     """One line on a plan: the layers intercepted, the floats of an image's row, the chunk, block
     and panel sizes."""
-    return (f"engine: {len(plan.layers)} conv/dense layers intercepted "
+    return (f"engine: {'full kernel (all ' + str(plan.k) + ' x ' + str(plan.k) + ' class pairs), ' if plan.full else ''}"
+            f"{len(plan.layers)} conv/dense layers intercepted "
             f"({sum(l.structured for l in plan.layers)} structured), {plan.row_floats / 1e6:.2f}M floats "
             f"per image row, gradient chunks of {plan.chunk}, blocks of {plan.block} rows, panels of "
             f"{plan.panel_blocks} blocks")
@@ -354,13 +413,14 @@ def describe_plan(plan):
 _JIT_CACHE = {}
 
 
-def _jitted(f, classes, layers):
-    """(rows(params, x), put, gram) jitted once per (network, classes, layers). A NetFn's
-    BatchNorm state is an argument of the jitted rows function, so the checkpoints of one
-    network (kernel motion across epochs) share one compilation."""
+def _jitted(f, classes, layers, full=False):
+    """(rows(params, x), put, gram) jitted once per (network, classes, layers, full); the gram
+    is `full_gram` for the full kernel. A NetFn's BatchNorm state is an argument of the jitted
+    rows function, so the checkpoints of one network (kernel motion across epochs) share one
+    compilation."""
 
     net = isinstance(f, NetFn)
-    key = (f.apply if net else f, classes, layers)
+    key = (f.apply if net else f, classes, layers, full)
     hit = _JIT_CACHE.get(key)
     if hit is None:
         def rows(state, params, x):
@@ -370,7 +430,8 @@ def _jitted(f, classes, layers):
             return jax.tree_util.tree_map(
                 lambda p, r: jax.lax.dynamic_update_slice_in_dim(p, r, start, 0), block, rows)
 
-        hit = (jax.jit(rows), jax.jit(put, donate_argnums=0), jax.jit(gram))
+        hit = (jax.jit(rows), jax.jit(put, donate_argnums=0),
+               jax.jit(functools.partial(full_gram, k=len(classes)) if full else gram))
         _JIT_CACHE.clear()  # one network at a time: drop the previous one's executables
         _JIT_CACHE[key] = hit
     rows, put, gram_fn = hit
@@ -383,7 +444,7 @@ def _num_classes(f, params, input_shape):
 
 
 def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_MEMORY_GB,
-                  method="auto", progress=False, stats=None):
+                  method="auto", progress=False, stats=None, full=False):
     """The empirical NTK of `f(params, x) -> logits [N, C]` between x1 [n1, ...] and x2
     [n2, ...] (x2 = None: x1 against itself, symmetric by construction).
 
@@ -394,7 +455,10 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     progress: show a tqdm bar over the chunk gradient passes.
     stats: a dict filled with the plan and counts (chunk, block, panel, gradient evaluations) and the
       seconds spent in total, in gradient passes and in contractions.
-    Returns K as a float64 numpy array [n1, n2].
+    full: the full kernel K[i, j, c, c'] = <d f_c(x_i)/d theta, d f_c'(x_j)/d theta> of every class
+      pair, not divided by C (class_index must be None or -1; method 'auto' means 'direct',
+      'structured' is a ValueError); `full_matrix` gives its class-major [C n1, C n2] matrix.
+    Returns K as a float64 numpy array [n1, n2] ([n1, n2, C, C] with full).
 
     Schedule: images are taken in blocks of `block` rows, each computed `chunk` examples at a
     time. The blocks of x2 (x1 when symmetric) are held in panels of `panel_blocks` blocks.
@@ -415,13 +479,14 @@ def empirical_ntk(f, params, x1, x2=None, class_index=None, memory_gb=DEFAULT_ME
     num_classes = _num_classes(f, params, input_shape)
     classes = classes_of(class_index, num_classes)
     plan = make_plan(f, params, input_shape, num_classes, class_index, memory_gb, method,
-                     n=max(len(x1), len(x_panel)), devices=parallel.num_devices())
-    rows_fn, put, gram_fn = _jitted(f, classes, plan.layers)
+                     n=max(len(x1), len(x_panel)), devices=parallel.num_devices(), full=full)
+    rows_fn, put, gram_fn = _jitted(f, classes, plan.layers, plan.full)
     rows = _BlockRows(rows_fn, put, params, plan.chunk, plan.block)
     kernel, total, panels, contraction_seconds = _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress)
-    kernel /= plan.k
+    if not plan.full:
+        kernel /= plan.k
     if stats is not None:
-        stats.update(method=plan.method, k=plan.k, chunk=plan.chunk, block=plan.block,
+        stats.update(method=plan.method, k=plan.k, full=plan.full, chunk=plan.chunk, block=plan.block,
                      panel_blocks=plan.panel_blocks, panels=panels, devices=parallel.num_devices(),
                      row_floats=plan.row_floats, block_evaluations=total, example_gradients=rows.examples,
                      structured_layers=[l.name for l in plan.layers if l.structured],
@@ -463,9 +528,14 @@ class _BlockRows:
         return block
 
 
+def _mirror(block):
+    """K(x2, x1) from K(x1, x2): [n2, n1] from [n1, n2], [n2, n1, C, C] from a full [n1, n2, C, C]."""
+    return block.transpose((1, 0, 3, 2) if block.ndim == 4 else (1, 0))
+
+
 def _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress):
-    """K (unnormalised, float64 [n1, n2]) by the panel schedule of `empirical_ntk`. Returns
-    (K, block evaluations, panels, contraction seconds)."""
+    """K (unnormalised, float64 [n1, n2], or [n1, n2, k, k] for a full plan) by the panel
+    schedule of `empirical_ntk`. Returns (K, block evaluations, panels, contraction seconds)."""
     n1, n2, b, pc = len(x1), len(x_panel), plan.block, plan.panel_blocks
     c1, c2 = -(-n1 // b), -(-n2 // b)
     panels = range(0, c2, pc)
@@ -473,7 +543,7 @@ def _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress):
         total = sum(c1 - p0 for p0 in panels)
     else:  # panel p computes its own blocks, then streams all of x1
         total = sum(min(pc, c2 - p0) + c1 for p0 in panels)
-    kernel, seconds = np.zeros((n1, n2), np.float64), 0.0
+    kernel, seconds = np.zeros((n1, n2) + ((plan.k, plan.k) if plan.full else ()), np.float64), 0.0
     with jax.default_matmul_precision("highest"), \
             tqdm(total=total, desc="NTK gradients", unit="block", disable=not progress) as bar:
         for p0 in panels:
@@ -494,13 +564,13 @@ def _contract(rows, gram_fn, x1, x_panel, symmetric, plan, progress):
                     block = np.asarray(parallel.to_host(gram_fn(rows_i, held_rows)), np.float64)
                     block = block[:r_hi - r_lo, :c_hi - c_lo]
                     seconds += time.time() - t
+                    if symmetric and i == j:  # a diagonal block: made exactly symmetric
+                        block = 0.5 * (block + _mirror(block))
                     kernel[r_lo:r_hi, c_lo:c_hi] = block
-                    if symmetric:
-                        kernel[c_lo:c_hi, r_lo:r_hi] = block.T
+                    if symmetric and i != j:
+                        kernel[c_lo:c_hi, r_lo:r_hi] = _mirror(block)
                 bar.update(1)
             del held
-    if symmetric:  # the diagonal blocks were written twice; make them exactly symmetric
-        kernel = 0.5 * (kernel + kernel.T)
     return kernel, total, len(panels), seconds
 
 
@@ -603,5 +673,6 @@ def kernel_images(dataset, num_classes, size, seed, data_dir, input_shape=None, 
 
 
 __all__ = ["NetFn", "checkpoint_fn", "empirical_ntk", "ntk_cross", "cross_kernel", "reference_kernel", "make_plan",
-           "discover_layers", "make_rows_fn", "gram", "classes_of", "describe_plan", "kernel_images",
+           "discover_layers", "make_rows_fn", "gram", "full_gram", "full_matrix", "check_full", "classes_of",
+           "describe_plan", "kernel_images",
            "DEFAULT_MEMORY_GB", "METHODS"]

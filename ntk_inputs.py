@@ -6,10 +6,12 @@ dataset, the checkpoints of a run directory and their kernels, and kernel files.
 * Kernel motion (analyze_ntk.py dynamics): the `parameters_checkpoint_{epoch}.pkl` files of a
   run directory (`list_checkpoints`), the NTK of each on ONE fixed class-balanced subset of
   training images, cached per checkpoint (`checkpoint_kernels`), or a run's kernels read from
-  calculate_kernel.py files (`kernels_from_files`).
+  calculate_kernel.py files (`kernels_from_files`). With --full every kernel is the full NTK of
+  all class pairs, handed on as its C n x C n class-major matrix (ntk.full_matrix).
 * `load_kernel_file`: a calculate_kernel.py file, checked to record the images, class and
-  network it was computed on (visualize_ntk_features.py); `KernelNetwork`: an infinite-width
-  kernel file in the place of a checkpoint's network there.
+  network it was computed on (visualize_ntk_features.py; a full kernel, calculate_kernel.py
+  --full, is refused there); `KernelNetwork`: an infinite-width kernel file in the place of a
+  checkpoint's network there.
 
 A cached kernel is reused only when it was made from the very same checkpoint file (absolute
 path, size and modification time) on the same images and class; anything else is recomputed.
@@ -74,25 +76,26 @@ def checkpoint_epoch(path):
     return float(m.group(1)) if m else None
 
 
-def list_checkpoints(run_dir):
-    """[(epoch, path)] of a run directory's phase-1 checkpoints, by increasing epoch."""
+def list_checkpoints(run_dir, max_epoch=None):
+    """[(epoch, path)] of a run directory's phase-1 checkpoints (up to `max_epoch`), by increasing epoch."""
     if not os.path.isdir(run_dir):
         raise UserError(f"--runs {run_dir} is not a directory")
     found = []
     for path in glob.glob(os.path.join(run_dir, "parameters_checkpoint_*.pkl")):
         e = checkpoint_epoch(path)
-        if e is not None:
+        if e is not None and (max_epoch is None or e <= max_epoch):
             found.append((e, path))
     if len(found) < 2:
-        raise UserError(f"{run_dir} holds {len(found)} parameters_checkpoint_{{epoch}}.pkl files; need at least 2 "
-                        f"(train with run_exp.py --constant_save)")
+        upto = "" if max_epoch is None else f" up to epoch {max_epoch:g} (--max_epoch)"
+        raise UserError(f"{run_dir} holds {len(found)} parameters_checkpoint_{{epoch}}.pkl files{upto}; need at "
+                        f"least 2 (train with run_exp.py --constant_save)")
     return sorted(found)
 
 
 def open_runs(args):
     """Check --runs and the flags of `dynamics` against the first checkpoint, before any work.
     Returns ([(epoch, path)] of every run, the ImageSubset of --dataset_size training images)."""
-    ckpt_lists = [list_checkpoints(r) for r in args.runs]  # every run checked before any work
+    ckpt_lists = [list_checkpoints(r, args.max_epoch) for r in args.runs]  # every run checked before any work
     first = open_network(ckpt_lists[0][0][1], args)
     cli.check_class_index(args.class_index, first.num_classes, first.dataset)
     if args.dataset_size <= 0 or args.dataset_size % first.num_classes:
@@ -104,13 +107,21 @@ def open_runs(args):
     return ckpt_lists, ImageSubset(x, labels, indices, first.dataset)
 
 
-def _cache_path(run_cache_dir, epoch, class_index, n):
-    return os.path.join(run_cache_dir, f"kernel_epoch_{epoch:g}{cli.class_suffix(class_index, n)}.pkl")
+def _cache_path(run_cache_dir, epoch, class_index, n, full=False):
+    return os.path.join(run_cache_dir, f"kernel_epoch_{epoch:g}{cli.class_suffix(class_index, n, full)}.pkl")
 
 
-def _cached_kernel(path, model_path, indices, class_index, dataset):
+def _kernel_matrix(obj, full):
+    """A kernel file's kernel as the matrix the motion analysis reads: [n, n], or a full kernel's
+    [n, n, C, C] as its C n x C n class-major matrix (ntk.full_matrix)."""
+    kernel = np.asarray(obj["kernel"], np.float64)
+    return ntk.full_matrix(kernel) if full else kernel
+
+
+def _cached_kernel(path, model_path, indices, class_index, dataset, full=False):
     """The cached kernel at `path` if it was made from this very checkpoint (its contents, wherever
-    the run folder now lies) on these images, else None."""
+    the run folder now lies) on these images, of this kind (full or not), else None; a full
+    kernel comes as its class-major matrix."""
     if not os.path.isfile(path):
         return None
     try:
@@ -120,37 +131,44 @@ def _cached_kernel(path, model_path, indices, class_index, dataset):
     ok = (isinstance(obj, dict) and isinstance(obj.get("model_file"), dict)
           and utils.same_input(obj["model_file"], utils.file_record(model_path))
           and obj.get("class_index") == class_index and obj.get("dataset") == dataset
+          and bool(obj.get("full", False)) == bool(full) and np.ndim(obj.get("kernel")) == (4 if full else 2)
           and np.array_equal(np.asarray(obj.get("indices")), indices))
-    return np.asarray(obj["kernel"], np.float64) if ok else None
+    return _kernel_matrix(obj, full) if ok else None
 
 
 def _compute_kernel(args, epoch, path, subset, cache):
     """The NTK of the checkpoint at `path` on `subset`, float64; written to `cache` with what it
-    was made from."""
+    was made from. With --full the full kernel [n, n, C, C] is cached (as calculate_kernel.py
+    --full writes it) and its class-major matrix returned."""
+    full = bool(getattr(args, "full", False))
     net = open_network(path, args)
     f, params = net.kernel_fn()
     t0 = time.time()
     kernel = np.asarray(ntk.empirical_ntk(f, params, jnp.asarray(subset.x), class_index=args.class_index,
-                                         memory_gb=args.memory_gb), np.float64)
-    utils.atomic_pickle(cache, {
+                                         memory_gb=args.memory_gb, full=full), np.float64)
+    record = {
         "kernel": kernel, "labels": subset.labels, "indices": subset.indices, "dataset": subset.dataset,
         "class_index": args.class_index, "model": net.model, "width": net.width,
         "num_classes": net.num_classes, "model_path": os.path.abspath(path), "use_linear_params": False,
         "random_seed": args.random_seed, "dataset_size": len(subset.indices), "epoch": epoch,
-        "model_file": utils.file_record(path), "seconds": time.time() - t0})
-    return kernel
+        "model_file": utils.file_record(path), "seconds": time.time() - t0}
+    if full:
+        record["full"] = True
+    utils.atomic_pickle(cache, record)
+    return ntk.full_matrix(kernel) if full else kernel
 
 
 def checkpoint_kernels(args, ckpt_lists, subset, cache_dirs):
     """The kernel of every checkpoint of every run on `subset`, cached in the run's directory of
     `cache_dirs`. Returns ([(epochs, paths, kernels)] per run, number of kernels computed)."""
     runs, computed = [], 0
+    full = bool(getattr(args, "full", False))
     with tqdm(total=sum(len(c) for c in ckpt_lists), desc="kernels", unit="ckpt", disable=args.no_progress) as bar:
         for ckpts, run_cache_dir in zip(ckpt_lists, cache_dirs):
             kernels = []
             for epoch, path in ckpts:
-                cache = _cache_path(run_cache_dir, epoch, args.class_index, len(subset.indices))
-                kernel = _cached_kernel(cache, path, subset.indices, args.class_index, subset.dataset)
+                cache = _cache_path(run_cache_dir, epoch, args.class_index, len(subset.indices), full)
+                kernel = _cached_kernel(cache, path, subset.indices, args.class_index, subset.dataset, full)
                 if kernel is None:
                     kernel = _compute_kernel(args, epoch, path, subset, cache)
                     computed += 1
@@ -160,8 +178,15 @@ def checkpoint_kernels(args, ckpt_lists, subset, cache_dirs):
     return runs, computed
 
 
-def _run_kernels_from_files(files):
-    """Kernels of one run from kernel files, ordered by their epoch. Returns (epochs, paths, kernels)."""
+def _is_full(obj):
+    """Whether a kernel file holds a full kernel (calculate_kernel.py --full: [n, n, C, C])."""
+    return bool(obj.get("full", False)) or np.ndim(obj.get("kernel")) == 4
+
+
+def _run_kernels_from_files(files, full=False):
+    """Kernels of one run from kernel files, ordered by their epoch. Returns (epochs, paths, kernels).
+    With `full` every file must hold a full kernel, handed on as its class-major matrix; without,
+    a full kernel is refused."""
     rows = []
     indices0 = None
     for pos, path in enumerate(files):
@@ -169,9 +194,18 @@ def _run_kernels_from_files(files):
         obj = utils.restricted_load(path)
         if not isinstance(obj, dict) or "kernel" not in obj:
             raise UserError(f"--kernel_files {path} is not a kernel file (no 'kernel')")
-        kernel = np.asarray(obj["kernel"], np.float64)
-        if kernel.ndim != 2 or kernel.shape[0] != kernel.shape[1]:
-            raise UserError(f"--kernel_files {path}: the kernel is not square ({kernel.shape})")
+        if _is_full(obj) != bool(full):
+            raise UserError(f"--kernel_files {path} holds a full kernel of every class pair (calculate_kernel.py "
+                            f"--full): analyse it with --full" if not full else
+                            f"--kernel_files {path} is not a full kernel: --full reads files of calculate_kernel.py "
+                            f"--full (every class pair)")
+        shape = np.shape(obj["kernel"])
+        if (len(shape) != 4 or shape[0] != shape[1] or shape[2] != shape[3]) if full else \
+                (len(shape) != 2 or shape[0] != shape[1]):
+            raise UserError(f"--kernel_files {path}: the kernel is not {'[n, n, C, C]' if full else 'square'} "
+                            f"({shape})")
+        kernel = _kernel_matrix(obj, full)
+        del obj["kernel"]
         if indices0 is None:
             indices0 = obj.get("indices")
         elif obj.get("indices") is not None and not np.array_equal(obj["indices"], indices0):
@@ -188,11 +222,12 @@ def _run_kernels_from_files(files):
     return [r[0] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
 
 
-def kernels_from_files(labels, kernel_files):
-    """[(epochs, paths, kernels)] of every run from its kernel files (at least 2 per run)."""
+def kernels_from_files(labels, kernel_files, full=False):
+    """[(epochs, paths, kernels)] of every run from its kernel files (at least 2 per run); with
+    `full`, full kernels (calculate_kernel.py --full) as their class-major matrices."""
     runs = []
     for label, files in zip(labels, kernel_files):
-        epochs, paths, kernels = _run_kernels_from_files(files)
+        epochs, paths, kernels = _run_kernels_from_files(files, full)
         if len(kernels) < 2:
             raise UserError(f"run {label} has {len(kernels)} kernel file; need at least 2")
         runs.append((epochs, paths, kernels))
@@ -216,6 +251,9 @@ def load_kernel_file(path):
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: only kernel files written by this "
                         f"project's calculate_kernel.py record which images they were computed on")
+    if obj.get("full") or np.ndim(obj["kernel"]) == 4:
+        raise UserError(f"{path} holds a full kernel of every class pair ([n, n, C, C], calculate_kernel.py --full); "
+                        f"the eigen-images need a one-logit or mean kernel [n, n]: make one without --full")
     kernel = np.asarray(obj["kernel"], dtype=np.float64)
     n = len(kernel)
     if kernel.shape != (n, n) or n == 0:

@@ -2,8 +2,8 @@
 
 * analyze_ntk.py dynamics (`dynamics_figures`): one kernel-distance heat map per run (one
   colour scale for all runs), the polar dynamics of the full kernel and of its top-k and
-  bottom-k eigenspaces, the same radius and angle against the epoch, and the eigenvalue masses,
-  the distance to K_0 and the kernel velocity against the epoch.
+  bottom-k eigenspaces (with --full: all but the top k), the same radius and angle against the
+  epoch, and the eigenvalue masses, the distance to K_0 and the kernel velocity against the epoch.
 * analyze_ntk.py features (`features_figure`): usefulness and robustness of every analysed
   eigen-feature, and the spectrum.
 * visualize_ntk_features.py (`eigen_images_figure`): the eigen-images and the spectrum.
@@ -55,12 +55,34 @@ def _epoch_axis(ax, epochs):
 # --------------------------------------------------------------------------------------
 # analyze_ntk.py dynamics
 # --------------------------------------------------------------------------------------
+def _eigenspace_titles(results, k_count):
+    """The panel titles of the top and bottom parts, from the runs' 'eigenspaces' (kernel_motion):
+    the bottom-k eigenspace, or with bottom 'rest' all but the top k (with the counts when every
+    run has the same)."""
+    spaces = [r.get("eigenspaces") or {"top_count": k_count, "bottom": "k", "bottom_count": k_count}
+              for r in results.values()]
+    tops = {s["top_count"] for s in spaces}
+    top = tops.pop() if len(tops) == 1 else k_count
+    if all(s["bottom"] == "rest" for s in spaces):
+        counts = {(s["bottom_count"], s.get("size")) for s in spaces}
+        if len(counts) == 1:
+            m, n = counts.pop()
+            bottom = f"bottom: all but the top {top} ({m} of {n} eigenvalues)"
+        else:
+            bottom = f"bottom: all but the top {top} eigenvalues"
+    else:
+        bottom = f"bottom-{top} eigenspace"
+    return f"top-{top} eigenspace", bottom
+
+
 def dynamics_figures(results, k_count, paths):
     """The figures of `dynamics` for `results` (label -> kernel_analysis.kernel_motion of the
     run), written to `paths`: one kernel-distance map per run, then the polar dynamics, polar
-    against epoch and eigenvalue-mass figures. Returns `paths`."""
+    against epoch and eigenvalue-mass figures. The bottom panels are titled by the runs'
+    bottom definition (bottom-k, or all but the top k). Returns `paths`."""
     n_runs = len(results)
-    parts = (("full", "full kernel"), ("top", f"top-{k_count} eigenspace"), ("bottom", f"bottom-{k_count} eigenspace"))
+    top, bottom = _eigenspace_titles(results, k_count)
+    parts = (("full", "full kernel"), ("top", top), ("bottom", bottom))
     return (_distance_figures(results, paths[:n_runs]) + [_polar_figure(results, parts, paths[n_runs]),
                                                           _polar_vs_epoch_figure(results, parts, paths[n_runs + 1]),
                                                           _mass_figure(results, paths[n_runs + 2])])
@@ -77,7 +99,8 @@ def _distance_figures(results, paths):
     shared = len(results) > 1
     for (label, r), path in zip(results.items(), paths):
         fig, ax = plt.subplots(figsize=(6.4, 5.2))
-        ticks = [f"{e:g}" for e in r["epochs"]]
+        step = -(-len(r["epochs"]) // 25)   # at most 25 labels, so they stay legible
+        ticks = [f"{e:g}" if i % step == 0 else "" for i, e in enumerate(r["epochs"])]
         sns.heatmap(np.asarray(r["distance_matrix"]), ax=ax, xticklabels=ticks, yticklabels=ticks,
                     cmap="viridis", square=True, vmin=0.0, vmax=vmax,
                     cbar_kws={"label": "kernel distance d(K_s, K_t)" + (" (scale shared by all runs)" if shared else "")})

@@ -18,6 +18,11 @@ EXAMPLES = [
     "--linear_epochs 0 --eps 32 --constant_save --save_models --save_path runs/phase1_AC",
     "python run_exp.py --base_model_path runs/phase1_AC/parameters_checkpoint_10.pkl --dataset digits "
     "--linear_epochs 10 --centering --loaders CC --save_models --save_path runs/phase2_centered",
+    "# Tsilivis & Kempe's recipe (PGD-20 adversarial training of CNN_mega; --train_attack fgsm for their FGSM "
+    "run, --loaders CC for the clean one):",
+    "python run_exp.py --dataset mnist --model cnn_mega --loaders AC --adv_only --eps 8 --train_steps 20 "
+    "--train_step_size 2 --no_train_random_start --clip_at_end --lr 0.01 --momentum 0 --lr_schedule constant --batch_size 250 "
+    "--standard_epochs 200 --linear_epochs 0 --constant_save --save_models --save_path runs/tk_pgd",
 ]
 
 
@@ -42,6 +47,26 @@ def build_parser():
                    help="phase-1 learning rate (SGD, momentum 0.9), x0.1 after epoch 100 and x0.01 after epoch 150 "
                         "(the reference's 0.1)")
     g.add_argument("--second_lr", type=float, default=0.01, help="phase-2 learning rate (SGD, momentum 0.9)")
+    g = p.add_argument_group("training recipe (beyond the reference; the defaults are the reference's)")
+    g.add_argument("--momentum", type=float, default=0.9,
+                   help="SGD momentum of both phases (0: plain SGD, Tsilivis & Kempe's)")
+    g.add_argument("--lr_schedule", choices=cli.LR_SCHEDULES, default="reference",
+                   help="phase-1 learning rate: 'reference' (x0.1 after epoch 100, x0.01 after 150) or 'constant'")
+    g.add_argument("--adv_only", action="store_true",
+                   help="an adversarial batch is one step, on the attack's examples only (Tsilivis & Kempe); "
+                        "without it, the reference's clean step and then the adversarial step")
+    g.add_argument("--train_attack", choices=("pgd", "fgsm"), default="pgd",
+                   help="attack of the adversarial loaders: L-inf PGD (--train_steps, --train_step_size, random "
+                        "start), or FGSM: one step of --eps from the clean image")
+    g.add_argument("--train_steps", type=cli.positive_int, default=20, help="steps of the training PGD")
+    g.add_argument("--train_step_size", type=float, default=None,
+                   help="step of the training PGD in 1/255 units (default: 2 eps / --train_steps, the reference's)")
+    g.add_argument("--no_train_random_start", action="store_true",
+                   help="the training PGD starts at the clean image (Tsilivis & Kempe), not at a random point "
+                        "of the eps-ball")
+    g.add_argument("--clip_at_end", action="store_true",
+                   help="the training PGD clips to [0, 1] only its final images, its iterates only to the eps-ball "
+                        "(Tsilivis & Kempe's pgd_attack); without it every iterate is clipped (Madry et al.)")
     g.add_argument("--centering", action="store_true",
                    help="phase 2 trains the centered model: J(theta0)(theta-theta0), or "
                         "f(theta)-f(theta0) with --do_standard_second")
@@ -103,6 +128,15 @@ def validate(args):
     for flag in ("standard_epochs", "linear_epochs", "flip_epoch"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0 (got {getattr(args, flag)})")
+    if not 0 <= args.momentum < 1:   # also refuses nan
+        raise UserError(f"--momentum must lie in [0, 1) (got {args.momentum})")
+    if args.train_step_size is not None and not 0 < args.train_step_size <= 255:
+        raise UserError(f"--train_step_size is in 1/255 units and must lie in (0, 255] (got {args.train_step_size})")
+    if args.train_attack == "fgsm":
+        given = [f for f, changed in (("train_steps", args.train_steps != 20), ("train_step_size",
+                 args.train_step_size is not None), ("no_train_random_start", args.no_train_random_start), ("clip_at_end", args.clip_at_end)) if changed]
+        if given:
+            raise UserError(f"--{given[0]} is for --train_attack pgd: FGSM is one step of --eps from the clean image")
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive (got {args.batch_size})")
     cli.check_attack_args(args, "pgd_eval_steps")
@@ -134,6 +168,11 @@ def ignored_flags(args):
                 yield f"--{flag} is ignored with --linear_epochs 0: there is no phase 2"
     for flag in cli.architecture_flags_given(args) if args.base_model_path else []:
         yield f"--{flag} is ignored with --base_model_path: the checkpoint records its network"
+    if "A" not in args.loaders and "F" not in args.loaders:
+        for flag in ("adv_only", "train_attack", "train_steps", "train_step_size", "no_train_random_start",
+                     "clip_at_end"):
+            if getattr(args, flag) != default(flag):
+                yield f"--{flag} is ignored with --loaders {args.loaders}: no batch is adversarial"
     if args.constant_save and (args.standard_epochs == 0 or args.base_model_path):
         yield "--constant_save is ignored without phase-1 epochs: there is nothing to save"
 

@@ -34,7 +34,7 @@ import shlex
 
 import cli
 import utils
-from grid_cells import Cell, print_cell_commands, script_path
+from grid_cells import Cell, add_execution_args, check_data, data_flags, print_cell_commands, script_path
 from grid_scheduler import run_experiment
 from utils import UserError
 
@@ -93,7 +93,7 @@ def build_parser():
                    help="the two classes of the binary task (CIFAR-10: 0 airplane, 1 automobile)")
     g.add_argument("--dataset", default=None, choices=cli.DATASETS, help="dataset")
     g.add_argument("--data_dir", default="./data",
-                   help="folder holding the CIFAR files in torchvision's layout (must already hold them: "
+                   help="folder holding the dataset's files in torchvision's layout (must already hold them: "
                         "the experiment does not download)")
     g.add_argument("--seed", type=cli.seed, default=None, help="--random_seed of every run (images, initialization)")
     g = p.add_argument_group("kernel predictor (analyze_ntk.py features / attack --arch)")
@@ -116,13 +116,7 @@ def build_parser():
     g.add_argument("--motion_size", type=int, default=None,
                    help="training images of the empirical kernels whose motion is measured (dynamics --dataset_size)")
     g = p.add_argument_group("execution")
-    g.add_argument("--jobs", type=int, default=1,
-                   help="cells run at once: 1 in this process; N > 1 in N worker processes sharing the CPUs")
-    g.add_argument("--print_commands", action="store_true",
-                   help="print one shell command per cell (in dependency order) and the report's, and run nothing")
-    g.add_argument("--cell", default=None, help="run only this cell (a name --print_commands prints), skipped if complete")
-    g.add_argument("--report_only", action="store_true", help="run nothing: write the report from the complete cells")
-    cli.add_no_progress(g)
+    add_execution_args(g, "finite networks", "finite/fc1_w32")
     return p
 
 
@@ -180,19 +174,13 @@ def resolve(args):
         for key in ("n_train", "n_test"):
             if grid[key] % n:
                 raise UserError(f"--{key} {grid[key]} is not divisible by the {n} classes of the {task} task")
-    from kernel_epoch_grid import check_data
-    check_data({"dataset": grid["dataset"], "data_dir": grid["data_dir"], "dynamics_size": grid["motion_size"],
-                "train_size": grid["train_size"] or None, "test_size": grid["test_size"] or None})
+    check_data(grid, {key: grid[key] for key in ("train_size", "test_size", "motion_size")})
     return grid
 
 
 # ======================================================================================
 # Cells
 # ======================================================================================
-def _data_flags(grid):
-    return [] if grid["dataset"] == "digits" else ["--data_dir", grid["data_dir"]]
-
-
 def finite_name(arch, width):
     return f"finite/{arch}_w{width}"
 
@@ -207,7 +195,7 @@ def make_cells(grid):
         runs = []
         for w in grid["widths"]:
             cell = finite_name(arch, w)
-            argv = ["--dataset", grid["dataset"], *_data_flags(grid), "--model", name, "--depth", str(depth),
+            argv = ["--dataset", grid["dataset"], *data_flags(grid), "--model", name, "--depth", str(depth),
                     "--width", str(w), "--standard_epochs", str(grid["train_epochs"]), "--linear_epochs", "0",
                     "--lr", f"{grid['lr']:g}", "--batch_size", str(grid["batch_size"]), "--eps", f"{grid['eps']:g}",
                     "--pgd_eval_steps", str(grid["pgd_steps"])]
@@ -222,11 +210,11 @@ def make_cells(grid):
         motion.append(Cell(cell, "tk:motion", "analyze_ntk",
                            ["dynamics", "--runs", *[os.path.join(out, r) for r in runs],
                             "--labels", *[f"w{w}" for w in grid["widths"]], "--dataset_size", str(grid["motion_size"]),
-                            "--random_seed", seed, *_data_flags(grid), "--out_dir", os.path.join(out, cell),
+                            "--random_seed", seed, *data_flags(grid), "--out_dir", os.path.join(out, cell),
                             "--no_progress"], runs, out, arch=arch, weight=weight))
         checkpoints = [os.path.join(out, r, "parameters_final.pkl") for r in runs]
         for task in grid["tasks"]:
-            common = ["--arch", name, "--depth", str(depth), "--dataset", grid["dataset"], *_data_flags(grid),
+            common = ["--arch", name, "--depth", str(depth), "--dataset", grid["dataset"], *data_flags(grid),
                       "--n_train", str(grid["n_train"]), "--n_test", str(grid["n_test"]), "--ridge", "0", "--float64",
                       "--eps", f"{grid['eps']:g}", "--random_seed", seed, "--no_progress"]
             if task == "binary":
@@ -255,7 +243,7 @@ def experiment_flags(grid):
         value = grid[key]
         values = value if isinstance(value, list) else [value]
         argv += [f"--{key}", *[f"{v:g}" if isinstance(v, float) else str(v) for v in values]]
-    return argv + _data_flags(grid)
+    return argv + data_flags(grid)
 
 
 def print_commands(grid, cells):

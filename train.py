@@ -19,10 +19,11 @@ class TrainState(NamedTuple):
     step: Any        # number of optimizer steps taken (int32 scalar)
 
 
-def make_optimizer(lr):
-    """The reference's optimizer: SGD with momentum 0.9, no Nesterov, no weight decay.
-    The learning rate lives in the state so it can change on epoch boundaries."""
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=0.9)
+def make_optimizer(lr, momentum=0.9):
+    """The reference's optimizer: SGD with momentum 0.9, no Nesterov, no weight decay (momentum
+    0 is plain SGD, Tsilivis & Kempe's). The learning rate and the momentum live in the state,
+    so the lr can change on epoch boundaries and a step function serves any of them."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
 
 
 def set_lr(opt_state, lr):
@@ -34,8 +35,11 @@ def get_lr(opt_state):
     return float(opt_state.hyperparams["learning_rate"])
 
 
-def phase1_lr(epoch, base_lr=0.1):
-    """base_lr (the reference's 0.1), x0.1 once epoch 99 has finished, x0.01 once epoch 149 has finished."""
+def phase1_lr(epoch, base_lr=0.1, schedule="reference"):
+    """base_lr (the reference's 0.1), x0.1 once epoch 99 has finished, x0.01 once epoch 149 has
+    finished; base_lr at every epoch with schedule 'constant' (cli.LR_SCHEDULES)."""
+    if schedule == "constant":
+        return base_lr
     if epoch >= 150:
         return base_lr * 0.01
     if epoch >= 100:

@@ -133,6 +133,14 @@ ROWS = [
      "test_tk_experiment.py::test_bad_input_is_one_line_before_any_run"),
     ("a negative `--random_seed`", "calculate_kernel.py --model_path run/parameters_final.pkl --random_seed -1",
      "test_no_lost_work.py::test_argparse_errors_are_one_line[negative-seed]"),
+    ("`--full` with one class", "calculate_kernel.py --model_path run/parameters_final.pkl --full --class_index 0",
+     "test_full_ntk.py::test_calculate_kernel_full_bad_inputs_are_one_line"),
+    ("MNIST not in `--data_dir` and no network", f"run_exp.py {TINY.replace('digits', 'mnist')} --data_dir offline",
+     "test_mnist_download.py::test_no_server_is_a_one_line_error_with_the_hint_and_leaves_no_data_dir"),
+    ("FGSM training with PGD's flags", f"run_exp.py {TINY} --loaders AC --train_attack fgsm --train_steps 5",
+     "test_tk_training.py::test_bad_recipe_flags_are_one_line_errors"),
+    ("a top-k space that leaves no bottom space", "tk_training.py --kernel_size 10 --k 100 --out_dir tk",
+     "test_tk_training_experiment.py::test_bad_input_is_one_line_before_any_run"),
 ]
 
 

@@ -8,7 +8,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SCRIPTS = ("run_exp", "eval_and_make_adv", "calculate_kernel", "visualize_ntk_features", "analyze_ntk",
-           "kernel_epoch_grid", "tk_experiment")
+           "kernel_epoch_grid", "tk_experiment", "tk_training")
 
 
 def parsers():

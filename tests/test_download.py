@@ -268,6 +268,6 @@ def test_no_server_is_a_one_line_error_saying_where_to_put_the_files(fake, monke
 
 
 def test_every_cifar_dataset_has_a_table_entry():
-    assert set(data.CIFAR) == set(data.DATASETS) - {"digits"}
+    assert set(data.CIFAR) | set(data.MNIST) == set(data.DATASETS) - {"digits"}
     for name, spec in data.CIFAR.items():
         assert spec.url.endswith("/" + spec.archive) and data.INPUT_SHAPES[name] == (32, 32, 3)

@@ -86,7 +86,7 @@ def test_every_help_is_instant_and_ends_with_examples():
 
 
 SCRIPTS = ("run_exp", "eval_and_make_adv", "calculate_kernel", "visualize_ntk_features", "analyze_ntk",
-           "kernel_epoch_grid", "tk_experiment")
+           "kernel_epoch_grid", "tk_experiment", "tk_training")
 
 
 def doc_commands():

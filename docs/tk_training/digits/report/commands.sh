@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The exact runs of this experiment, from the repository root, in dependency order.
+set -euo pipefail
+python run_exp.py --dataset digits --model cnn_mega --width 16 --standard_epochs 60 --linear_epochs 0 --lr 0.1 --momentum 0 --lr_schedule constant --batch_size 50 --eps 32 --pgd_eval_steps 20 --loaders CC --constant_save --save_models --random_seed 0 --no_progress --save_path tk_training_digits/train/clean
+python run_exp.py --dataset digits --model cnn_mega --width 16 --standard_epochs 60 --linear_epochs 0 --lr 0.1 --momentum 0 --lr_schedule constant --batch_size 50 --eps 32 --pgd_eval_steps 20 --loaders AC --adv_only --train_attack fgsm --constant_save --save_models --random_seed 0 --no_progress --save_path tk_training_digits/train/fgsm
+python run_exp.py --dataset digits --model cnn_mega --width 16 --standard_epochs 60 --linear_epochs 0 --lr 0.1 --momentum 0 --lr_schedule constant --batch_size 50 --eps 32 --pgd_eval_steps 20 --loaders AC --adv_only --train_steps 20 --train_step_size 8 --no_train_random_start --clip_at_end --constant_save --save_models --random_seed 0 --no_progress --save_path tk_training_digits/train/pgd
+python analyze_ntk.py dynamics --full --runs tk_training_digits/train/clean tk_training_digits/train/fgsm tk_training_digits/train/pgd --labels clean FGSM PGD-20 --dataset_size 100 --k 20 --max_epoch 60 --random_seed 0 --out_dir tk_training_digits/dynamics --no_progress
