@@ -141,6 +141,11 @@ def claims(grid, rows, finals, epochs):
     return lines
 
 
+def fmt(x, spec=".3f"):
+    """A number for a report: "n/a" when it is missing (None or NaN)."""
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
 def spearman(x, y):
     import numpy as np
     pairs = [(a, b) for a, b in zip(x, y) if not math.isnan(b)]
@@ -242,9 +247,6 @@ def write_report(grid, cells, markers, grid_command):
                 "set -euo pipefail"] + [c.command() for c in cells]
     utils.atomic_write_bytes(os.path.join(rdir, "commands.sh"), ("\n".join(commands) + "\n").encode())
 
-    def f3(x):
-        return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
     md = [f"# Robustness of phase 2 against the kernel epoch ({grid['preset']})", ""]
     if missing:
         md += [f"**Incomplete: {len(missing)} of {len(cells)} cells are missing** "
@@ -286,7 +288,7 @@ def write_report(grid, cells, markers, grid_command):
     md += ["", "## Every cell", "", "| phase 1 (kernel) | phase 2 | kernel epoch | seed | clean | L∞ PGD | L2 PGD |",
            "|---|---|---|---|---|---|---|"]
     for r in rows:
-        vals = [f3(r[m]) for m in ("clean", "linf", "l2")] if r["status"] == "ok" else [r["status"]] * 3
+        vals = [fmt(r[m]) for m in ("clean", "linf", "l2")] if r["status"] == "ok" else [r["status"]] * 3
         md.append(f"| {r['phase1']} | {r['phase2']} | {epoch_name(r['kernel_epoch'])} | {r['seed']} | " + " | ".join(vals) + " |")
     md += ["", "## Commands", "", "The whole grid (it skips complete cells, so it also resumes):", "", "```bash",
            grid_command, "```", "",

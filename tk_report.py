@@ -13,15 +13,11 @@ import numpy as np
 
 import utils
 from grid_cells import read_json
-from grid_report import spearman
+from grid_report import fmt, spearman
 
 TOP = 5   # the "top of the spectrum": eigen-indices 0..TOP-1 (fewer if --n_features is smaller)
 CONSISTENT_COS = 0.5   # median cosine over the leading indices that counts as "consistent"
 TRANSFER_MARGIN = 0.1   # accuracy drop beyond random signs that counts as "transfers"
-
-
-def _f3(x):
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
 def relative_change(run):
@@ -129,8 +125,8 @@ def claims(grid, results, cons, transfer):
     md += [f"1. **The kernel alone makes adversarial examples (\"training-free\").** Criterion: in every task and "
            f"architecture the predictor's clean accuracy is above chance and its FGSM and PGD accuracy below it. "
            f"{_verdict(ok)} "
-           + "; ".join(f"{a} {t}: clean {_f3(r['fgsm']['kernel_predictor']['acc_clean'])}, FGSM "
-                       f"{_f3(r['fgsm']['kernel_predictor']['acc_robust'])}, PGD {_f3(r['pgd']['kernel_predictor']['acc_robust'])}"
+           + "; ".join(f"{a} {t}: clean {fmt(r['fgsm']['kernel_predictor']['acc_clean'])}, FGSM "
+                       f"{fmt(r['fgsm']['kernel_predictor']['acc_robust'])}, PGD {fmt(r['pgd']['kernel_predictor']['acc_robust'])}"
                        for t, a, r in cells) + "."]
 
     # 2. robust features at the top of the spectrum
@@ -141,9 +137,9 @@ def claims(grid, results, cons, transfer):
            f"Criterion: the mean FGSM-attacked accuracy of eigen-features 0..{min(TOP, grid['n_features']) - 1} exceeds "
            f"that of the tail (indices ≥ {grid['n_features']}) by at least 0.1, in every task and architecture. "
            f"{_verdict(ok)} "
-           + "; ".join(f"{a} {t}: top {_f3(s['top_attacked'])} vs tail {_f3(s['tail_attacked'])} attacked "
-                       f"(clean {_f3(s['top_clean'])} vs {_f3(s['tail_clean'])}; Spearman ρ(index, attacked) "
-                       f"{_f3(s['spearman_index_attacked'])})" for t, a, s in spec) + "."]
+           + "; ".join(f"{a} {t}: top {fmt(s['top_attacked'])} vs tail {fmt(s['tail_attacked'])} attacked "
+                       f"(clean {fmt(s['top_clean'])} vs {fmt(s['tail_clean'])}; Spearman ρ(index, attacked) "
+                       f"{fmt(s['spearman_index_attacked'])})" for t, a, s in spec) + "."]
 
     # 3. consistency across architectures
     pairs = [(t, p) for t in grid["tasks"] for p in cons.get(t, [])]
@@ -153,8 +149,8 @@ def claims(grid, results, cons, transfer):
            f"Criterion: its median over the leading {grid['n_features']} indices is at least {CONSISTENT_COS} for every "
            f"pair (the baseline is the median |cosine| between features of different leading indices). "
            f"{_verdict(ok)} "
-           + "; ".join(f"{p['pair'][0]}/{p['pair'][1]} {t}: {_f3(p['median_cos_leading'])} (baseline "
-                       f"{_f3(p['median_abs_cos_mismatched'])}; predictors {_f3(p['cos_predictors'])})" for t, p in pairs)
+           + "; ".join(f"{p['pair'][0]}/{p['pair'][1]} {t}: {fmt(p['median_cos_leading'])} (baseline "
+                       f"{fmt(p['median_abs_cos_mismatched'])}; predictors {fmt(p['cos_predictors'])})" for t, p in pairs)
            + "."]
 
     # 4. transfer to lazily trained finite networks
@@ -167,12 +163,12 @@ def claims(grid, results, cons, transfer):
            f"Criterion: the widest network's ({widest}) accuracy on the kernel's FGSM and PGD examples is at least "
            f"{TRANSFER_MARGIN} below its accuracy under random ±ε signs (the same perturbation size in no chosen "
            f"direction), in every task, attack and architecture. {_verdict(ok)} "
-           + "; ".join(f"{r['arch']} {r['task']} {r['method'].upper()}: {_f3(r['acc_on_kernel_examples'])} vs random "
-                       f"{_f3(r['acc_random_sign'])} (clean {_f3(r['acc_clean'])})" for r in sel) + ".",
+           + "; ".join(f"{r['arch']} {r['task']} {r['method'].upper()}: {fmt(r['acc_on_kernel_examples'])} vs random "
+                       f"{fmt(r['acc_random_sign'])} (clean {fmt(r['acc_clean'])})" for r in sel) + ".",
            f"5. **Wider is lazier.** Criterion: the relative change ‖K_T − K_0‖_F / ‖K_0‖_F of the empirical NTK "
            f"during training is smaller for the widest network than for the narrowest, for every architecture. "
            f"{_verdict(ok_lazy)} "
-           + "; ".join(f"{a}: " + ", ".join(f"width {w} {_f3(c)}" for w, c in sorted(m.items())) for a, m in lazier)
+           + "; ".join(f"{a}: " + ", ".join(f"width {w} {fmt(c)}" for w, c in sorted(m.items())) for a, m in lazier)
            + "."]
     return md
 
@@ -315,9 +311,9 @@ def write_report(grid, cells, markers, command):
     for t in g["tasks"]:
         for a in g["archs"]:
             r = kernel.get(t, {}).get(a, {})
-            md.append(f"| {t} | {a} | {_f3(r.get('fgsm', {}).get('kernel_predictor', {}).get('acc_clean'))} | "
-                      f"{_f3(r.get('fgsm', {}).get('kernel_predictor', {}).get('acc_robust'))} | "
-                      f"{_f3(r.get('pgd', {}).get('kernel_predictor', {}).get('acc_robust'))} |")
+            md.append(f"| {t} | {a} | {fmt(r.get('fgsm', {}).get('kernel_predictor', {}).get('acc_clean'))} | "
+                      f"{fmt(r.get('fgsm', {}).get('kernel_predictor', {}).get('acc_robust'))} | "
+                      f"{fmt(r.get('pgd', {}).get('kernel_predictor', {}).get('acc_robust'))} |")
     for t in g["tasks"]:
         archs = [a for a in g["archs"] if "features" in kernel.get(t, {}).get(a, {})]
         if not archs:
@@ -327,7 +323,7 @@ def write_report(grid, cells, markers, command):
                "| index | " + " | ".join(archs) + " |", "|---" * (len(archs) + 1) + "|"]
         per = {a: {r["index"]: r for r in kernel[t][a]["features"]["features"]} for a in archs}
         for i in sorted(set().union(*per.values())):
-            md.append(f"| {i} | " + " | ".join(f"{_f3(per[a][i]['acc_clean'])} / {_f3(per[a][i]['acc_feature_attacked'])}"
+            md.append(f"| {i} | " + " | ".join(f"{fmt(per[a][i]['acc_clean'])} / {fmt(per[a][i]['acc_feature_attacked'])}"
                                                if i in per[a] else "n/a" for a in archs) + " |")
     md += ["", "## Transfer to the finite networks", "",
            "Accuracy of each network on the clean test images, on the kernel's adversarial examples, under random ±ε "
@@ -336,9 +332,9 @@ def write_report(grid, cells, markers, command):
            "| task | attack | architecture | width | kernel change | clean | kernel's examples | random signs | own PGD |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in transfer:
-        md.append(f"| {r['task']} | {r['method'].upper()} | {r['arch']} | {r['width']} | {_f3(r['kernel_change'])} | "
-                  f"{_f3(r['acc_clean'])} | {_f3(r['acc_on_kernel_examples'])} | {_f3(r['acc_random_sign'])} | "
-                  f"{_f3(r['acc_own_pgd'])} |")
+        md.append(f"| {r['task']} | {r['method'].upper()} | {r['arch']} | {r['width']} | {fmt(r['kernel_change'])} | "
+                  f"{fmt(r['acc_clean'])} | {fmt(r['acc_on_kernel_examples'])} | {fmt(r['acc_random_sign'])} | "
+                  f"{fmt(r['acc_own_pgd'])} |")
     md += ["", "## Commands", "", "The whole experiment (it skips complete cells, so it also resumes):", "", "```bash",
            command, "```", "", "It runs these commands, from the repository root (also in `commands.sh`; "
            "`results.json` holds every number above):", "", "```bash"] + [c.command() for c in cells] + ["```", ""]

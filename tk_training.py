@@ -19,6 +19,7 @@ import shlex
 import cli
 import utils
 from grid_cells import Cell, add_execution_args, check_data, data_flags, print_cell_commands, read_json, script_path
+from grid_report import fmt
 from grid_scheduler import run_experiment
 from utils import UserError
 
@@ -189,10 +190,6 @@ def _late_velocity(motion):
     return sum(late) / len(late) if late else None
 
 
-def _f(x, spec=".3f"):
-    return "n/a" if x is None else format(x, spec)
-
-
 def claims(s):
     """(claim, criterion, numbers, holds) rows; s: run (clean, fgsm, pgd) -> summarize()."""
     rows = []
@@ -203,22 +200,22 @@ def claims(s):
     rows.append(("Under adversarial training the NTK falls into the lazy regime earlier",
                  "the adversarial runs' kernels cover half of their final distance to K_0 at an earlier epoch than "
                  "the clean run's",
-                 f"half-radius epoch: clean {_f(c['half_radius_epoch'], 'g')}, FGSM {_f(f['half_radius_epoch'], 'g')}, "
-                 f"PGD {_f(p['half_radius_epoch'], 'g')}; 90%: clean {_f(c['radius_90_epoch'], 'g')}, FGSM "
-                 f"{_f(f['radius_90_epoch'], 'g')}, PGD {_f(p['radius_90_epoch'], 'g')}",
+                 f"half-radius epoch: clean {fmt(c['half_radius_epoch'], 'g')}, FGSM {fmt(f['half_radius_epoch'], 'g')}, "
+                 f"PGD {fmt(p['half_radius_epoch'], 'g')}; 90%: clean {fmt(c['radius_90_epoch'], 'g')}, FGSM "
+                 f"{fmt(f['radius_90_epoch'], 'g')}, PGD {fmt(p['radius_90_epoch'], 'g')}",
                  ok and f["half_radius_epoch"] < c["half_radius_epoch"] and p["half_radius_epoch"] < c["half_radius_epoch"]))
     ok = None not in (c["late_velocity"], f["late_velocity"], p["late_velocity"])
     rows.append(("... and moves less late in training",
                  "mean kernel distance per epoch over the second half of the measured epochs: adversarial below clean",
-                 f"clean {_f(c['late_velocity'], '.2e')}, FGSM {_f(f['late_velocity'], '.2e')}, PGD "
-                 f"{_f(p['late_velocity'], '.2e')}",
+                 f"clean {fmt(c['late_velocity'], '.2e')}, FGSM {fmt(f['late_velocity'], '.2e')}, PGD "
+                 f"{fmt(p['late_velocity'], '.2e')}",
                  ok and f["late_velocity"] < c["late_velocity"] and p["late_velocity"] < c["late_velocity"]))
     rows.append(("Adversarial training puts more of the kernel's mass on its top eigenspace",
                  "share of sum lambda^2 in the top 10 (and top 20) eigenvalues at the last measured epoch: adversarial "
                  "above clean",
-                 f"top-10: clean {_f(c['mass_top10'])}, FGSM {_f(f['mass_top10'])}, PGD {_f(p['mass_top10'])} "
-                 f"(at init {_f(c['mass_top10_start'])}); top-20: clean {_f(c['mass_top20'])}, FGSM "
-                 f"{_f(f['mass_top20'])}, PGD {_f(p['mass_top20'])}",
+                 f"top-10: clean {fmt(c['mass_top10'])}, FGSM {fmt(f['mass_top10'])}, PGD {fmt(p['mass_top10'])} "
+                 f"(at init {fmt(c['mass_top10_start'])}); top-20: clean {fmt(c['mass_top20'])}, FGSM "
+                 f"{fmt(f['mass_top20'])}, PGD {fmt(p['mass_top20'])}",
                  f["mass_top10"] > c["mass_top10"] and p["mass_top10"] > c["mass_top10"]))
     return rows
 
@@ -264,15 +261,15 @@ def write_report(grid, cells, markers, command):
            "| run | clean | L-inf PGD |", "|---|---|---|"]
     for r in RUNS:
         acc = (accuracy.get(r) or {}).get("standard") or {}
-        md.append(f"| {label[r]} | {_f(acc.get('clean'))} | {_f(acc.get('linf'))} |")
+        md.append(f"| {label[r]} | {fmt(acc.get('clean'))} | {fmt(acc.get('linf'))} |")
     md += ["", "## The paper's claims and what this run shows", "",
            "| claim | criterion | this run | holds |", "|---|---|---|---|"]
     md += [f"| {a} | {b} | {n} | {'yes' if h else 'no'} |" for a, b, n, h in rows] or ["| n/a | | | |"]
     md += ["", "## Kernel motion per run", "", "| run | epochs | d(K_0, K_T) | half-radius epoch | top-10 mass (start -> end) |",
            "|---|---|---|---|---|"]
     for r, s in summary.items():
-        md.append(f"| {label[r]} | {s['epochs'][0]:g}..{s['epochs'][1]:g} | {_f(s['final_distance_to_init'])} | "
-                  f"{_f(s['half_radius_epoch'], 'g')} | {_f(s['mass_top10_start'])} -> {_f(s['mass_top10'])} |")
+        md.append(f"| {label[r]} | {s['epochs'][0]:g}..{s['epochs'][1]:g} | {fmt(s['final_distance_to_init'])} | "
+                  f"{fmt(s['half_radius_epoch'], 'g')} | {fmt(s['mass_top10_start'])} -> {fmt(s['mass_top10'])} |")
     if dyn:
         md += ["", "## Figures (the three runs overlaid)", ""]
         for path in dyn["figures"]:
