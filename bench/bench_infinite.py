@@ -147,9 +147,10 @@ def our_env():
     return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
 
 
-def run_worker(python, env, job):
-    """Run this script as a worker under `python` with the JSON `job`; returns its JSON answer."""
-    proc = subprocess.run([python, os.path.abspath(__file__), "--worker", json.dumps(job)], env=env, cwd=ROOT,
+def run_worker(python, env, job, script=os.path.abspath(__file__)):
+    """Run `script` (this one by default) as a worker under `python` with the JSON `job`; returns
+    its JSON answer."""
+    proc = subprocess.run([python, script, "--worker", json.dumps(job)], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"error: worker {job['kind']} under {python} exited with status {proc.returncode}")
