@@ -45,20 +45,22 @@ def _load(job):
 
 
 def worker_ours(job):
-    """Our side: write the weights and images for neural-tangents' side, or time/compute the kernel."""
+    """Our side: the weights and images written for neural-tangents' side (job['write']), then the
+    kernel (`_compute`)."""
     import jax
     import numpy as np
 
     import models
     import ntk
-    x = load_cifar(job["data_dir"], TRAIN_FILES, job["n"]).astype(np.float32) / 255.0
+    pixels = load_cifar(job["data_dir"], TRAIN_FILES, job["n"])
+    x = pixels.astype(np.float32) / 255.0
     init, apply = models.get_model("cnn_mega", 10, job["width"])
     params, state = init(jax.random.PRNGKey(job["seed"]), x[:1], True)
     f = ntk.NetFn(apply, state)
     if job.get("write"):
         order = sorted(params, key=lambda m: (m.split("/")[-1].startswith("linear"),
                                               int(m.rsplit("_", 1)[1]) if m[-1].isdigit() else 0))
-        arrays = {"x": load_cifar(job["data_dir"], TRAIN_FILES, job["n"]), "layers": len(order)}
+        arrays = {"x": pixels, "layers": len(order)}
         for i, m in enumerate(order):
             arrays[f"w{i}"], arrays[f"b{i}"] = np.asarray(params[m]["w"]), np.asarray(params[m]["b"])
         np.savez(job["write"], **arrays)
