@@ -162,6 +162,7 @@ def open_inputs(args):
         if args.model_path is not None:
             raise UserError(f"{args.kernel_path} is the infinite-width kernel of an architecture, not of a checkpoint: "
                             f"drop --model_path")
+        _resolve("model", ("the kernel file", kfile["architecture"]["arch"]), ("--model", args.model))
         meta = {"input_shape": None}
         agreed = {key: _resolve(key, ("the kernel file", kfile[key]), (f"--{key}", getattr(args, key)))
                   for key in ("dataset", "width")}

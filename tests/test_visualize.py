@@ -276,7 +276,8 @@ def test_the_kernel_cosine_is_the_tangent_feature_cosine_on_an_empirical_kernel(
 
 def test_eigen_images_of_an_infinite_kernel_file(tmp_path):
     """calculate_kernel.py --arch, then visualize_ntk_features.py on its file without a checkpoint:
-    the ascent raises and the descent lowers the kernel cosine; a --model_path is refused."""
+    the ascent raises and the descent lowers the kernel cosine; a --model_path, or a --model other than
+    the file's architecture, is refused."""
     import calculate_kernel
     from cli_harness import call
     calculate_kernel.run(calculate_kernel.build_parser().parse_args(
@@ -294,3 +295,7 @@ def test_eigen_images_of_an_infinite_kernel_file(tmp_path):
     ckpt, _, _ = _setup(tmp_path, n=20)
     code, _, err = call("visualize_ntk_features", ["--kernel_path", kpath, "--model_path", ckpt], str(tmp_path))
     assert code == 2 and err.count("\n") == 1 and "drop --model_path" in err, err
+    code, _, err = call("visualize_ntk_features", ["--kernel_path", kpath, "--model", "fc"], str(tmp_path))
+    assert code == 2 and err.count("\n") == 1, err
+    assert "model mismatch: the kernel file says 'conv' but --model says 'fc'" in err, err
+    assert sorted(os.listdir(tmp_path / "k")) == ["saved_kernel_class_0_20.pkl", "viz"]
